@@ -1,0 +1,107 @@
+//! The `hookbox` operator command.
+
+mod dev;
+mod send;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::{config::Config, telemetry::LogFormat};
+
+/// Options every binary shares.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// The configuration file (else $HOOKBOX_CONFIG, else ./hookbox.toml).
+    #[arg(
+        long,
+        global = true,
+        env = "HOOKBOX_CONFIG",
+        default_value = "hookbox.toml"
+    )]
+    pub config: PathBuf,
+    /// Log format: auto is human-readable on a terminal and JSON otherwise.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+}
+
+impl CommonArgs {
+    pub fn load_config(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(&self.config)?)
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "hookbox", version, about = "Operate a hookbox webhook inbox")]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Apply the database migrations (safe to run twice, or from several hosts at once).
+    Migrate,
+    /// Configuration file commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Sign a payload the way the source's sender does, POST it, print the answer.
+    Send(send::SendArgs),
+    /// Run a complete local inbox: private PostgreSQL, receiver and worker.
+    Dev(dev::DevArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check a configuration file, its secrets and its references.
+    Check,
+}
+
+/// Runs the command; prints a one-line reason and fails on error.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init_logging(cli.common.log_format);
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("hookbox: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Migrate => {
+            let config = cli.common.load_config()?;
+            let report = crate::db::migrate(&config.database_url()?).await?;
+            if report.applied.is_empty() {
+                println!("schema is up to date");
+            } else {
+                println!("applied: {}", report.applied.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let config = cli.common.load_config()?;
+            println!(
+                "{}: ok ({} sources, {} routes, {} handlers)",
+                config.path.display(),
+                config.sources.len(),
+                config.routes.len(),
+                config.handlers.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send(args) => send::run(&cli.common, args).await,
+        Command::Dev(args) => dev::run(&cli.common, args).await.context("hookbox dev"),
+    }
+}

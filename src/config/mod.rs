@@ -1,0 +1,596 @@
+//! Loading and checking the configuration file. Everything a process needs is
+//! checked here, once, so a bad file is refused at start with the key named.
+
+mod sections;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+pub use sections::*;
+
+use crate::{
+    event_key::{EventKeySpec, FieldSpec},
+    secret::Secret,
+    signature::{Algorithm, Encoding, HmacParams, Scheme},
+};
+
+/// A configuration problem, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub message: String,
+}
+
+/// A checked configuration: every secret resolved, every reference valid.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub database: DatabaseSection,
+    pub receiver: ReceiverSection,
+    pub trusted_proxies: Vec<IpNet>,
+    pub worker: WorkerSection,
+    pub sources: Vec<Source>,
+    pub routes: Vec<RouteSection>,
+    pub handlers: BTreeMap<String, Handler>,
+}
+
+/// A webhook sender, ready for the receiver.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub name: String,
+    pub environment: String,
+    pub scheme: Scheme,
+    /// Every configured key; more than one while a key is being rotated.
+    pub keys: Vec<Secret>,
+    pub event_key: EventKeySpec,
+    pub event_type: Option<FieldSpec>,
+    pub allow_ips: Vec<IpNet>,
+    pub rate_limit: Option<RateLimitSection>,
+    pub tolerance: Duration,
+}
+
+/// A handler with its secrets resolved.
+#[derive(Clone, Debug)]
+pub struct Handler {
+    pub section: HandlerSection,
+    pub signing_key: Option<Secret>,
+}
+
+/// Where secrets and the database URL are read from: the process environment
+/// in production, a map in tests.
+pub trait Environment {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnvironment;
+
+impl Environment for ProcessEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Environment for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+impl Config {
+    /// `--config PATH`, else `$HOOKBOX_CONFIG`, else `./hookbox.toml` (the CLI
+    /// resolves that order); reads secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: "(file)".into(),
+            message: format!("cannot be read: {e}"),
+        })?;
+        Self::parse(&text, path, &ProcessEnvironment)
+    }
+
+    pub fn parse(text: &str, path: &Path, env: &dyn Environment) -> Result<Self, ConfigError> {
+        let error = |key: &str, message: String| ConfigError {
+            file: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let deserializer = toml::Deserializer::new(text);
+        let file: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.into_inner().message().trim().to_owned();
+            error(if key == "." { "(file)" } else { &key }, message)
+        })?;
+        Checker { path, env }.check(file)
+    }
+
+    pub fn source(&self, name: &str) -> Option<&Source> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// The database URL from the variable `[database] url_env` names.
+    pub fn database_url(&self) -> Result<String, ConfigError> {
+        self.database_url_from(&ProcessEnvironment)
+    }
+
+    pub fn database_url_from(&self, env: &dyn Environment) -> Result<String, ConfigError> {
+        env.var(&self.database.url_env)
+            .filter(|url| !url.is_empty())
+            .ok_or_else(|| ConfigError {
+                file: self.path.clone(),
+                key: "database.url_env".into(),
+                message: format!("environment variable {} is not set", self.database.url_env),
+            })
+    }
+}
+
+struct Checker<'a> {
+    path: &'a Path,
+    env: &'a dyn Environment,
+}
+
+impl Checker<'_> {
+    fn error(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.to_owned(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn check(&self, file: FileConfig) -> Result<Config, ConfigError> {
+        if file.database.url_env.is_empty() {
+            return Err(self.error("database.url_env", "must name an environment variable"));
+        }
+        if file.database.max_connections == 0 {
+            return Err(self.error("database.max_connections", "must be at least 1"));
+        }
+        self.check_receiver(&file.receiver)?;
+        let trusted_proxies = file
+            .receiver
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                parse_cidr(text)
+                    .map_err(|m| self.error(format!("receiver.trusted_proxies[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.check_worker(&file.worker)?;
+
+        let mut sources: Vec<Source> = Vec::new();
+        for (i, section) in file.source.into_iter().enumerate() {
+            let source = self.check_source(i, section)?;
+            if sources.iter().any(|s| s.name == source.name) {
+                return Err(self.error(
+                    format!("source[{i}].name"),
+                    format!("source \"{}\" is defined twice", source.name),
+                ));
+            }
+            sources.push(source);
+        }
+        self.check_environments_apart(&sources)?;
+        self.check_plain_http(&file.receiver, &sources)?;
+
+        let mut handlers = BTreeMap::new();
+        for (name, section) in file.handler {
+            let handler = self.check_handler(&name, section)?;
+            handlers.insert(name, handler);
+        }
+        for (i, route) in file.route.iter().enumerate() {
+            if !sources.iter().any(|s| s.name == route.source) {
+                return Err(self.error(
+                    format!("route[{i}].source"),
+                    format!("no [[source]] is named \"{}\"", route.source),
+                ));
+            }
+            if !handlers.contains_key(&route.handler) {
+                return Err(self.error(
+                    format!("route[{i}].handler"),
+                    format!("no [handler.{}] table is defined", route.handler),
+                ));
+            }
+            if let Some(types) = &route.event_types {
+                if types.is_empty() || types.iter().any(String::is_empty) {
+                    return Err(self.error(
+                        format!("route[{i}].event_types"),
+                        "list one or more globs, or leave the key out to match every type",
+                    ));
+                }
+            }
+        }
+
+        Ok(Config {
+            path: self.path.to_owned(),
+            database: file.database,
+            receiver: file.receiver,
+            trusted_proxies,
+            worker: file.worker,
+            sources,
+            routes: file.route,
+            handlers,
+        })
+    }
+
+    fn check_receiver(&self, receiver: &ReceiverSection) -> Result<(), ConfigError> {
+        if receiver.max_body_bytes == 0 {
+            return Err(self.error("receiver.max_body_bytes", "must be at least 1"));
+        }
+        if receiver.request_timeout.0 < Duration::from_millis(100) {
+            return Err(self.error("receiver.request_timeout", "must be at least 100ms"));
+        }
+        if !receiver.admin_listen.is_empty()
+            && receiver
+                .admin_listen
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(self.error(
+                "receiver.admin_listen",
+                "must be an address like 127.0.0.1:9090, or \"\" for none",
+            ));
+        }
+        if let Some(tls) = &receiver.tls {
+            if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {
+                return Err(self.error("receiver.tls.min_version", "must be \"1.2\" or \"1.3\""));
+            }
+            for (key, file) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+                if !file.is_file() {
+                    return Err(self.error(
+                        format!("receiver.tls.{key}"),
+                        format!("{} is not a readable file", file.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_worker(&self, worker: &WorkerSection) -> Result<(), ConfigError> {
+        let retry = &worker.retry;
+        let checks = [
+            (
+                worker.concurrency == 0,
+                "worker.concurrency",
+                "must be at least 1",
+            ),
+            (
+                worker.lease.0 < Duration::from_secs(1),
+                "worker.lease",
+                "must be at least 1s",
+            ),
+            (
+                worker.poll_interval.0.is_zero(),
+                "worker.poll_interval",
+                "must be more than 0",
+            ),
+            (
+                retry.max_attempts == 0,
+                "worker.retry.max_attempts",
+                "must be at least 1",
+            ),
+            (
+                retry.initial.0.is_zero(),
+                "worker.retry.initial",
+                "must be more than 0",
+            ),
+            (
+                retry.max < retry.initial,
+                "worker.retry.max",
+                "must not be less than worker.retry.initial",
+            ),
+            (
+                !(retry.multiplier >= 1.0 && retry.multiplier.is_finite()),
+                "worker.retry.multiplier",
+                "must be a number of at least 1.0",
+            ),
+            (
+                !(0.0..=1.0).contains(&retry.jitter),
+                "worker.retry.jitter",
+                "must be between 0.0 and 1.0",
+            ),
+        ];
+        match checks.into_iter().find(|(failed, _, _)| *failed) {
+            Some((_, key, message)) => Err(self.error(key, message)),
+            None => Ok(()),
+        }
+    }
+
+    fn check_source(&self, i: usize, section: SourceSection) -> Result<Source, ConfigError> {
+        let key = |field: &str| format!("source[{i}].{field}");
+        let name = section.name.clone();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(self.error(
+                key("name"),
+                "use letters, digits, `-` and `_` only (it is a URL path segment)",
+            ));
+        }
+        if section.environment.is_empty() {
+            return Err(self.error(
+                key("environment"),
+                "must not be empty (for example \"production\" or \"sandbox\")",
+            ));
+        }
+        for (field, present) in [
+            ("secret", section.secret.is_some()),
+            ("secrets", section.secrets.is_some()),
+        ] {
+            if present {
+                return Err(self.error(
+                    key(field),
+                    "secrets are never written in the file: name an environment variable with \
+                     secrets_env = [\"BEGINI_API_KEY\"] or a file with secrets_file = [\"/run/secrets/begini\"]",
+                ));
+            }
+        }
+        let scheme = self.check_scheme(i, &section)?;
+        let keys = self.resolve_secrets(i, &scheme, &section.secrets_env, &section.secrets_file)?;
+        let allow_ips = section
+            .allow_ips
+            .iter()
+            .enumerate()
+            .map(|(j, text)| {
+                parse_cidr(text).map_err(|m| self.error(format!("source[{i}].allow_ips[{j}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(limit) = section.rate_limit {
+            if limit.per_second == 0 || limit.burst == 0 {
+                return Err(
+                    self.error(key("rate_limit"), "per_second and burst must be at least 1")
+                );
+            }
+        }
+        let event_type = section
+            .event_type
+            .or_else(|| default_event_type(section.scheme));
+        Ok(Source {
+            name,
+            environment: section.environment,
+            scheme,
+            keys,
+            event_key: section.event_key,
+            event_type,
+            allow_ips,
+            rate_limit: section.rate_limit,
+            tolerance: section.tolerance.0,
+        })
+    }
+
+    fn check_scheme(&self, i: usize, section: &SourceSection) -> Result<Scheme, ConfigError> {
+        let hmac_only = [
+            ("header", section.header.is_some()),
+            ("prefix", section.prefix.is_some()),
+            ("algorithm", section.algorithm.is_some()),
+            ("encoding", section.encoding.is_some()),
+        ];
+        let scheme = match section.scheme {
+            SchemeName::Begini => Scheme::Begini,
+            SchemeName::StandardWebhooks => Scheme::StandardWebhooks,
+            SchemeName::Stripe => Scheme::Stripe,
+            SchemeName::Github => Scheme::Github,
+            SchemeName::Hmac => {
+                let header = section
+                    .header
+                    .clone()
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| {
+                        self.error(
+                            format!("source[{i}].header"),
+                            "the hmac scheme needs the signature header's name",
+                        )
+                    })?;
+                return Ok(Scheme::Hmac(HmacParams {
+                    header,
+                    prefix: section.prefix.clone().unwrap_or_default(),
+                    algorithm: section.algorithm.unwrap_or(Algorithm::Sha256),
+                    encoding: section.encoding.unwrap_or(Encoding::Hex),
+                }));
+            }
+        };
+        if let Some((field, _)) = hmac_only.iter().find(|(_, present)| *present) {
+            return Err(self.error(
+                format!("source[{i}].{field}"),
+                "only applies to scheme = \"hmac\"",
+            ));
+        }
+        Ok(scheme)
+    }
+
+    fn resolve_secrets(
+        &self,
+        i: usize,
+        scheme: &Scheme,
+        from_env: &[String],
+        from_files: &[PathBuf],
+    ) -> Result<Vec<Secret>, ConfigError> {
+        if from_env.is_empty() && from_files.is_empty() {
+            return Err(self.error(
+                format!("source[{i}].secrets_env"),
+                "name at least one secret: secrets_env = [\"VAR\"] or secrets_file = [\"/path\"]",
+            ));
+        }
+        let mut keys = Vec::new();
+        for (j, var) in from_env.iter().enumerate() {
+            let field = format!("source[{i}].secrets_env[{j}]");
+            let value = self.env.var(var).ok_or_else(|| {
+                self.error(&field, format!("environment variable {var} is not set"))
+            })?;
+            keys.push(
+                scheme
+                    .key_from_secret(&value)
+                    .map_err(|m| self.error(&field, format!("{var}: {m}")))?,
+            );
+        }
+        for (j, path) in from_files.iter().enumerate() {
+            let field = format!("source[{i}].secrets_file[{j}]");
+            let value = read_secret_file(path).map_err(|m| self.error(&field, m))?;
+            keys.push(
+                scheme
+                    .key_from_secret(&value)
+                    .map_err(|m| self.error(&field, format!("{}: {m}", path.display())))?,
+            );
+        }
+        Ok(keys)
+    }
+
+    /// Sandbox and production keys must differ, or data could cross over.
+    fn check_environments_apart(&self, sources: &[Source]) -> Result<(), ConfigError> {
+        for (i, a) in sources.iter().enumerate() {
+            for b in &sources[..i] {
+                if a.environment != b.environment && a.keys.iter().any(|k| b.keys.contains(k)) {
+                    return Err(self.error(
+                        format!("source[{i}].secrets_env"),
+                        format!(
+                            "source \"{}\" ({}) shares a secret with source \"{}\" ({}); keys of different environments must differ",
+                            a.name, a.environment, b.name, b.environment
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_plain_http(
+        &self,
+        receiver: &ReceiverSection,
+        sources: &[Source],
+    ) -> Result<(), ConfigError> {
+        if receiver.tls.is_some() || receiver.tls_terminated_by_proxy {
+            return Ok(());
+        }
+        match sources.iter().find(|s| s.environment == "production") {
+            Some(source) => Err(self.error(
+                "receiver.tls",
+                format!(
+                    "source \"{}\" is production but the receiver would serve plain HTTP: configure \
+                     receiver.tls, or set receiver.tls_terminated_by_proxy = true if TLS ends in front of hookbox",
+                    source.name
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn check_handler(&self, name: &str, section: HandlerSection) -> Result<Handler, ConfigError> {
+        let key = |field: &str| format!("handler.{name}.{field}");
+        let mut signing_key = None;
+        match &section {
+            HandlerSection::Sql { statement } if statement.trim().is_empty() => {
+                return Err(self.error(key("statement"), "must not be empty"));
+            }
+            HandlerSection::Http {
+                url,
+                permanent_statuses,
+                signing_secret_env,
+                signing_secret_file,
+                ..
+            } => {
+                let parsed = reqwest::Url::parse(url)
+                    .map_err(|e| self.error(key("url"), format!("not a URL: {e}")))?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(self.error(key("url"), "must be an http:// or https:// URL"));
+                }
+                if let Some(status) = permanent_statuses
+                    .iter()
+                    .find(|s| !(100..=599).contains(*s))
+                {
+                    return Err(self.error(
+                        key("permanent_statuses"),
+                        format!("{status} is not an HTTP status"),
+                    ));
+                }
+                let secret = match (signing_secret_env, signing_secret_file) {
+                    (Some(_), Some(_)) => {
+                        return Err(self.error(
+                            key("signing_secret_env"),
+                            "give signing_secret_env or signing_secret_file, not both",
+                        ));
+                    }
+                    (Some(var), None) => Some(self.env.var(var).ok_or_else(|| {
+                        self.error(
+                            key("signing_secret_env"),
+                            format!("environment variable {var} is not set"),
+                        )
+                    })?),
+                    (None, Some(path)) => Some(
+                        read_secret_file(path)
+                            .map_err(|m| self.error(key("signing_secret_file"), m))?,
+                    ),
+                    (None, None) => None,
+                };
+                if let Some(secret) = secret {
+                    signing_key = Some(
+                        Scheme::StandardWebhooks
+                            .key_from_secret(&secret)
+                            .map_err(|m| self.error(key("signing_secret_env"), m))?,
+                    );
+                }
+            }
+            HandlerSection::Exec { command, .. } if command.is_empty() || command[0].is_empty() => {
+                return Err(self.error(
+                    key("command"),
+                    "name the program and its arguments, e.g. [\"/usr/local/bin/on-score\"]",
+                ));
+            }
+            _ => {}
+        }
+        Ok(Handler {
+            section,
+            signing_key,
+        })
+    }
+}
+
+fn default_event_type(scheme: SchemeName) -> Option<FieldSpec> {
+    match scheme {
+        SchemeName::Begini => Some(FieldSpec::Json("/event/type".into())),
+        SchemeName::Stripe | SchemeName::StandardWebhooks => Some(FieldSpec::Json("/type".into())),
+        SchemeName::Github => Some(FieldSpec::Header("X-GitHub-Event".into())),
+        SchemeName::Hmac => None,
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// A CIDR (`10.0.0.0/8`) or a single address (`10.0.0.1`, taken as /32 or /128).
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .map(|net| net.trunc())
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{text}` is not an address or CIDR like 10.0.0.0/8"))
+}
+
+impl fmt::Display for SchemeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Begini => "begini",
+            Self::StandardWebhooks => "standard-webhooks",
+            Self::Stripe => "stripe",
+            Self::Github => "github",
+            Self::Hmac => "hmac",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,239 @@
+//! The configuration file as users write it. Unknown keys are refused so a typo
+//! never silently falls back to a default.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+use crate::{
+    duration::HumanDuration,
+    event_key::{EventKeySpec, FieldSpec},
+    signature::{Algorithm, Encoding},
+};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub database: DatabaseSection,
+    #[serde(default)]
+    pub receiver: ReceiverSection,
+    #[serde(default)]
+    pub worker: WorkerSection,
+    #[serde(default)]
+    pub source: Vec<SourceSection>,
+    #[serde(default)]
+    pub route: Vec<RouteSection>,
+    #[serde(default)]
+    pub handler: BTreeMap<String, HandlerSection>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSection {
+    /// Name of the environment variable holding the database URL.
+    pub url_env: String,
+    pub max_connections: u32,
+    /// How long to wait for a connection before answering 503.
+    pub acquire_timeout: HumanDuration,
+}
+
+impl Default for DatabaseSection {
+    fn default() -> Self {
+        Self {
+            url_env: "DATABASE_URL".into(),
+            max_connections: 16,
+            acquire_timeout: HumanDuration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiverSection {
+    pub listen: SocketAddr,
+    /// `/metrics`; never on the public port. Empty string disables it.
+    pub admin_listen: String,
+    pub max_body_bytes: usize,
+    pub request_timeout: HumanDuration,
+    pub trusted_proxies: Vec<String>,
+    pub tls: Option<TlsSection>,
+    pub tls_terminated_by_proxy: bool,
+}
+
+impl Default for ReceiverSection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("valid address"),
+            admin_listen: "127.0.0.1:9090".into(),
+            max_body_bytes: 1024 * 1024,
+            request_timeout: HumanDuration::from_secs(10),
+            trusted_proxies: Vec::new(),
+            tls: None,
+            tls_terminated_by_proxy: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    #[serde(default = "default_tls_version")]
+    pub min_version: String,
+}
+
+fn default_tls_version() -> String {
+    "1.3".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSection {
+    pub concurrency: usize,
+    pub lease: HumanDuration,
+    pub poll_interval: HumanDuration,
+    pub shutdown_grace: HumanDuration,
+    pub retry: RetrySection,
+}
+
+impl Default for WorkerSection {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            lease: HumanDuration::from_secs(300),
+            poll_interval: HumanDuration::from_secs(1),
+            shutdown_grace: HumanDuration::from_secs(30),
+            retry: RetrySection::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySection {
+    pub max_attempts: u32,
+    pub initial: HumanDuration,
+    pub max: HumanDuration,
+    pub multiplier: f64,
+    pub jitter: f64,
+}
+
+impl Default for RetrySection {
+    fn default() -> Self {
+        Self {
+            max_attempts: 12,
+            initial: HumanDuration::from_secs(5),
+            max: HumanDuration::from_secs(6 * 3600),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchemeName {
+    Begini,
+    StandardWebhooks,
+    Stripe,
+    Github,
+    Hmac,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    pub name: String,
+    pub environment: String,
+    pub scheme: SchemeName,
+    #[serde(default)]
+    pub secrets_env: Vec<String>,
+    #[serde(default)]
+    pub secrets_file: Vec<PathBuf>,
+    /// Present only to refuse inline secrets with a helpful message.
+    #[serde(default)]
+    pub secret: Option<toml::Value>,
+    #[serde(default)]
+    pub secrets: Option<toml::Value>,
+    #[serde(default = "default_event_key")]
+    pub event_key: EventKeySpec,
+    #[serde(default)]
+    pub event_type: Option<FieldSpec>,
+    #[serde(default)]
+    pub allow_ips: Vec<String>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSection>,
+    #[serde(default = "default_tolerance")]
+    pub tolerance: HumanDuration,
+    /// `hmac` scheme only.
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub algorithm: Option<Algorithm>,
+    #[serde(default)]
+    pub encoding: Option<Encoding>,
+}
+
+fn default_event_key() -> EventKeySpec {
+    EventKeySpec::BodySha256
+}
+
+fn default_tolerance() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSection {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub source: String,
+    /// Globs (`*`, `?`); `None` matches every type, including none.
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+    pub handler: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum HandlerSection {
+    Sql {
+        statement: String,
+    },
+    Http {
+        url: String,
+        #[serde(default = "default_handler_timeout")]
+        timeout: HumanDuration,
+        #[serde(default = "default_permanent_statuses")]
+        permanent_statuses: Vec<u16>,
+        /// Re-sign the POST with a Standard Webhooks signature.
+        #[serde(default)]
+        signing_secret_env: Option<String>,
+        #[serde(default)]
+        signing_secret_file: Option<PathBuf>,
+    },
+    Exec {
+        command: Vec<String>,
+        #[serde(default = "default_handler_timeout")]
+        timeout: HumanDuration,
+    },
+    /// Provided in code by a binary that embeds hookbox.
+    Library {},
+}
+
+fn default_handler_timeout() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+
+fn default_permanent_statuses() -> Vec<u16> {
+    vec![400, 404, 410, 422]
+}

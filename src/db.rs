@@ -1,0 +1,79 @@
+//! Connections and schema migrations.
+
+use std::{str::FromStr, time::Duration};
+
+use anyhow::Context;
+use sqlx::{
+    postgres::{PgConnectOptions, PgPoolOptions},
+    PgPool,
+};
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Any number of processes may migrate at once: they queue on this lock.
+const MIGRATION_LOCK_KEY: i64 = 0x0068_6f6f_6b62_6f78; // "hookbox" in ASCII
+
+/// How a process talks to the database.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    /// Server-side limit per statement, so a blocked insert gives up instead of
+    /// holding a request open; `None` for the worker, whose handlers may run long.
+    pub statement_timeout: Option<Duration>,
+    pub application_name: &'static str,
+}
+
+/// A pool that connects lazily: processes start while the database is down and
+/// work as soon as it answers.
+pub fn pool(url: &str, settings: &PoolSettings) -> anyhow::Result<PgPool> {
+    let mut options = PgConnectOptions::from_str(url)
+        .context("the database URL is not a valid postgres:// URL")?
+        .application_name(settings.application_name);
+    if let Some(timeout) = settings.statement_timeout {
+        options = options.options([("statement_timeout", format!("{}ms", timeout.as_millis()))]);
+    }
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .min_connections(0)
+        .acquire_timeout(settings.acquire_timeout)
+        // A connection broken by a database restart is found and replaced.
+        .test_before_acquire(true)
+        .connect_lazy_with(options))
+}
+
+/// What `migrate` did.
+#[derive(Debug)]
+pub struct MigrationReport {
+    pub applied: Vec<String>,
+}
+
+/// Applies the embedded migrations under an advisory lock; safe to run twice or
+/// from several processes at once.
+pub async fn migrate(url: &str) -> anyhow::Result<MigrationReport> {
+    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("cannot connect to the database to migrate it")?;
+    let connection = tokio::spawn(connection);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .context("cannot take the migration lock")?;
+    let outcome = embedded::migrations::runner().run_async(&mut client).await;
+    // The lock also goes with the session; unlocking is a courtesy.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await;
+    drop(client);
+    let _ = connection.await;
+    let report = outcome.context("a migration failed")?;
+    Ok(MigrationReport {
+        applied: report
+            .applied_migrations()
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
+    })
+}

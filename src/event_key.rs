@@ -1,0 +1,256 @@
+//! Where an event's unique key and its type come from: the body's hash, JSON
+//! pointers into the payload, or a header.
+
+use serde::{de, Deserialize, Deserializer};
+use sha2::{Digest, Sha256};
+
+use crate::signature::HeaderLookup;
+
+/// How a source derives the key that makes an event unique within it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKeySpec {
+    /// Hex SHA-256 of the raw body: identical bytes are the same event.
+    BodySha256,
+    /// Values at these JSON pointers, joined with `:` (each escaped so the
+    /// join cannot be ambiguous).
+    Json(Vec<String>),
+    /// The value of one header, such as `webhook-id`.
+    Header(String),
+}
+
+/// Where a single field (the event type) is read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FieldSpec {
+    Json(String),
+    Header(String),
+}
+
+/// Why a key or type could not be extracted: a 400 for the sender.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExtractError {
+    #[error("payload is not valid JSON")]
+    NotJson,
+    #[error("event key field {0} is missing")]
+    MissingJsonField(String),
+    #[error("event key header {0} is missing")]
+    MissingHeader(String),
+    #[error("event key header {0} is not valid UTF-8")]
+    BadHeader(String),
+}
+
+impl ExtractError {
+    /// The `reason` recorded in `inbox_deliveries`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotJson => "invalid_json",
+            Self::MissingJsonField(_) | Self::MissingHeader(_) => "missing_event_key",
+            Self::BadHeader(_) => "invalid_event_key",
+        }
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl EventKeySpec {
+    pub fn needs_json(&self) -> bool {
+        matches!(self, Self::Json(_))
+    }
+
+    pub fn extract(
+        &self,
+        body_sha256: &str,
+        json: Option<&serde_json::Value>,
+        headers: &(impl HeaderLookup + ?Sized),
+    ) -> Result<String, ExtractError> {
+        match self {
+            Self::BodySha256 => Ok(body_sha256.to_owned()),
+            Self::Header(name) => header_value(headers, name),
+            Self::Json(pointers) => {
+                let json = json.ok_or(ExtractError::NotJson)?;
+                let parts = pointers
+                    .iter()
+                    .map(|pointer| match json.pointer(pointer) {
+                        None | Some(serde_json::Value::Null) => {
+                            Err(ExtractError::MissingJsonField(pointer.clone()))
+                        }
+                        Some(value) => Ok(escape_part(&scalar_text(value))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(parts.join(":"))
+            }
+        }
+    }
+}
+
+impl FieldSpec {
+    pub fn needs_json(&self) -> bool {
+        matches!(self, Self::Json(_))
+    }
+
+    /// The field's value, or `None` when the payload does not carry it (an
+    /// event without a type is still stored; only routes by type skip it).
+    pub fn extract(
+        &self,
+        json: Option<&serde_json::Value>,
+        headers: &(impl HeaderLookup + ?Sized),
+    ) -> Option<String> {
+        match self {
+            Self::Json(pointer) => json?
+                .pointer(pointer)
+                .filter(|v| !v.is_null())
+                .map(scalar_text),
+            Self::Header(name) => header_value(headers, name).ok(),
+        }
+    }
+}
+
+fn header_value(
+    headers: &(impl HeaderLookup + ?Sized),
+    name: &str,
+) -> Result<String, ExtractError> {
+    let values = headers.values(name);
+    let value = values
+        .first()
+        .ok_or_else(|| ExtractError::MissingHeader(name.to_owned()))?;
+    let text = std::str::from_utf8(value).map_err(|_| ExtractError::BadHeader(name.to_owned()))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(ExtractError::MissingHeader(name.to_owned()));
+    }
+    Ok(text.to_owned())
+}
+
+fn scalar_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `%` and `:` are escaped so that `["a:b","c"]` and `["a","b:c"]` differ.
+fn escape_part(part: &str) -> String {
+    part.replace('%', "%25").replace(':', "%3A")
+}
+
+fn pointer_is_valid(pointer: &str) -> bool {
+    pointer.is_empty() || pointer.starts_with('/')
+}
+
+/// `"body_sha256"`, `{ json = ["/a", "/b"] }` or `{ header = "webhook-id" }`.
+impl<'de> Deserialize<'de> for EventKeySpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const EXPECTED: &str =
+            r#"expected "body_sha256", { json = ["/pointer", ...] } or { header = "name" }"#;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Named(String),
+            Table(std::collections::BTreeMap<String, toml::Value>),
+        }
+        let raw = Raw::deserialize(deserializer).map_err(|_| de::Error::custom(EXPECTED))?;
+        match raw {
+            Raw::Named(name) if name == "body_sha256" => Ok(Self::BodySha256),
+            Raw::Table(table) if table.len() == 1 => {
+                let (kind, value) = table.into_iter().next().expect("one entry");
+                match (kind.as_str(), value) {
+                    ("json", toml::Value::Array(items)) if !items.is_empty() => {
+                        let pointers = items
+                            .into_iter()
+                            .map(|item| match item {
+                                toml::Value::String(p) if pointer_is_valid(&p) => Ok(p),
+                                _ => Err(de::Error::custom(
+                                    "each JSON pointer is a string starting with `/`",
+                                )),
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        Ok(Self::Json(pointers))
+                    }
+                    ("header", toml::Value::String(name)) if !name.is_empty() => {
+                        Ok(Self::Header(name))
+                    }
+                    _ => Err(de::Error::custom(EXPECTED)),
+                }
+            }
+            _ => Err(de::Error::custom(EXPECTED)),
+        }
+    }
+}
+
+/// `{ json = "/event/type" }` or `{ header = "X-GitHub-Event" }`.
+impl<'de> Deserialize<'de> for FieldSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const EXPECTED: &str = r#"expected { json = "/pointer" } or { header = "name" }"#;
+        let table = std::collections::BTreeMap::<String, String>::deserialize(deserializer)
+            .map_err(|_| de::Error::custom(EXPECTED))?;
+        let mut entries = table.into_iter();
+        match (entries.next(), entries.next()) {
+            (Some((kind, value)), None) if kind == "json" && pointer_is_valid(&value) => {
+                Ok(Self::Json(value))
+            }
+            (Some((kind, value)), None) if kind == "header" && !value.is_empty() => {
+                Ok(Self::Header(value))
+            }
+            _ => Err(de::Error::custom(EXPECTED)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NO_HEADERS: &[(&str, &str)] = &[];
+
+    #[test]
+    fn json_key_joins_fields_unambiguously() {
+        let spec = EventKeySpec::Json(vec!["/a".into(), "/b".into()]);
+        let one = serde_json::json!({"a": "x:y", "b": "z"});
+        let two = serde_json::json!({"a": "x", "b": "y:z"});
+        let key_one = spec.extract("", Some(&one), NO_HEADERS).unwrap();
+        let key_two = spec.extract("", Some(&two), NO_HEADERS).unwrap();
+        assert_ne!(key_one, key_two);
+        assert_eq!(key_one, "x%3Ay:z");
+    }
+
+    #[test]
+    fn a_missing_key_field_is_named() {
+        let spec = EventKeySpec::Json(vec!["/uid".into()]);
+        let err = spec
+            .extract("", Some(&serde_json::json!({})), NO_HEADERS)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "event key field /uid is missing");
+    }
+
+    #[test]
+    fn numbers_become_their_json_text() {
+        let spec = EventKeySpec::Json(vec!["/n".into()]);
+        let key = spec
+            .extract("", Some(&serde_json::json!({"n": 12})), NO_HEADERS)
+            .unwrap();
+        assert_eq!(key, "12");
+    }
+
+    #[test]
+    fn header_key_reads_the_header() {
+        let spec = EventKeySpec::Header("webhook-id".into());
+        let headers = [("Webhook-Id", "msg_1")];
+        assert_eq!(spec.extract("", None, headers.as_slice()).unwrap(), "msg_1");
+        assert!(spec.extract("", None, NO_HEADERS).is_err());
+    }
+
+    #[test]
+    fn specs_parse_from_toml() {
+        #[derive(Deserialize)]
+        struct Wrapper {
+            key: EventKeySpec,
+            kind: FieldSpec,
+        }
+        let parsed: Wrapper =
+            toml::from_str("key = { json = [\"/a\"] }\nkind = { header = \"X-T\" }").unwrap();
+        assert_eq!(parsed.key, EventKeySpec::Json(vec!["/a".into()]));
+        assert_eq!(parsed.kind, FieldSpec::Header("X-T".into()));
+        assert!(toml::from_str::<Wrapper>("key = \"md5\"\nkind = { json = \"/t\" }").is_err());
+    }
+}

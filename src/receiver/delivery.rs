@@ -1,0 +1,287 @@
+//! `POST /webhooks/{source}`: the contract's checks in the contract's order,
+//! then one write, then the answer.
+
+use std::{net::IpAddr, time::Duration};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use governor::clock::{Clock, DefaultClock};
+
+use super::{error::DeliveryError, network, ReceiverState, SourceRuntime};
+use crate::{
+    event_key::{sha256_hex, ExtractError},
+    signature::{HeaderLookup, Rejection},
+    store::{self, NewDelivery},
+};
+
+impl HeaderLookup for actix_web::http::header::HeaderMap {
+    fn values(&self, name: &str) -> Vec<&[u8]> {
+        self.get_all(name).map(|value| value.as_bytes()).collect()
+    }
+}
+
+/// A refused delivery and what is known of its body.
+struct Refusal {
+    error: DeliveryError,
+    payload_sha256: Option<String>,
+}
+
+impl From<DeliveryError> for Refusal {
+    fn from(error: DeliveryError) -> Self {
+        Self {
+            error,
+            payload_sha256: None,
+        }
+    }
+}
+
+pub async fn receive(
+    request: HttpRequest,
+    source_name: web::Path<String>,
+    body: web::Payload,
+    state: web::Data<ReceiverState>,
+) -> Result<HttpResponse, DeliveryError> {
+    let source = state
+        .sources
+        .get(source_name.as_str())
+        .cloned()
+        .ok_or(DeliveryError::UnknownSource)?;
+    let forwarded_for: Vec<&str> = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let client = network::client_address(
+        request.peer_addr().map(|a| a.ip()),
+        &forwarded_for,
+        &state.trusted_proxies,
+    );
+
+    match accept(&request, body, &state, &source, client).await {
+        Ok(response) => Ok(response),
+        Err(refusal) => {
+            if let Some((outcome, reason)) = refusal.error.audit() {
+                let row = store::Rejection {
+                    source: &source.source.name,
+                    remote_addr: client,
+                    outcome,
+                    reason,
+                    payload_sha256: refusal.payload_sha256.as_deref(),
+                    status_code: actix_web::ResponseError::status_code(&refusal.error).as_u16(),
+                };
+                tracing::info!(source = %source.source.name, outcome, reason, "delivery refused");
+                // The refusal stands even if its audit row cannot be written:
+                // a 503 would only invite the sender to retry a bad request.
+                if let Err(error) = with_deadline(
+                    state.request_timeout,
+                    store::record_rejection(&state.pool, &row),
+                )
+                .await
+                {
+                    tracing::warn!(source = %source.source.name, error = format!("{error:#}"), "audit row for a refused delivery not written");
+                }
+            }
+            if let DeliveryError::Unavailable(error) = &refusal.error {
+                tracing::error!(source = %source.source.name, error = format!("{error:#}"), "delivery not stored: database unavailable");
+            }
+            Err(refusal.error)
+        }
+    }
+}
+
+async fn accept(
+    request: &HttpRequest,
+    body: web::Payload,
+    state: &ReceiverState,
+    runtime: &SourceRuntime,
+    client: Option<IpAddr>,
+) -> Result<HttpResponse, Refusal> {
+    let source = &runtime.source;
+    if !network::is_allowed(client, &source.allow_ips) {
+        return Err(DeliveryError::AddressNotAllowed.into());
+    }
+    if let Some(limiter) = &runtime.limiter {
+        if let Err(not_until) = limiter.check() {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            metrics::counter!("hookbox_rate_limited_total", "source" => source.name.clone())
+                .increment(1);
+            return Err(DeliveryError::RateLimited {
+                retry_after_secs: wait.as_secs() + 1,
+            }
+            .into());
+        }
+    }
+    let body = read_body(request, body, state.max_body_bytes, state.request_timeout).await?;
+    let payload_sha256 = sha256_hex(&body);
+    let refuse = |error: DeliveryError| Refusal {
+        error,
+        payload_sha256: Some(payload_sha256.clone()),
+    };
+
+    let headers = request.headers();
+    let now = chrono::Utc::now().timestamp();
+    if let Err(rejection) =
+        source
+            .scheme
+            .verify(&source.keys, headers, &body, now, source.tolerance)
+    {
+        let other_environment = rejection == Rejection::SignatureMismatch
+            && !runtime.foreign_keys.is_empty()
+            && source
+                .scheme
+                .verify(&runtime.foreign_keys, headers, &body, now, source.tolerance)
+                .is_ok();
+        if other_environment {
+            tracing::warn!(
+                source = %source.name,
+                environment = %source.environment,
+                "signature made with the key of a source in another environment: check which key the sender uses"
+            );
+            return Err(refuse(DeliveryError::WrongEnvironment));
+        }
+        return Err(refuse(DeliveryError::Signature(rejection)));
+    }
+
+    let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let needs_json =
+        source.event_key.needs_json() || source.event_type.as_ref().is_some_and(|t| t.needs_json());
+    if needs_json && json.is_none() {
+        return Err(refuse(ExtractError::NotJson.into()));
+    }
+    let event_key = source
+        .event_key
+        .extract(&payload_sha256, json.as_ref(), headers)
+        .map_err(|e| refuse(e.into()))?;
+    let event_type = source
+        .event_type
+        .as_ref()
+        .and_then(|spec| spec.extract(json.as_ref(), headers));
+    // PostgreSQL's jsonb cannot hold \u0000; such payloads keep their bytes only.
+    let payload_json = json
+        .as_ref()
+        .and_then(|_| std::str::from_utf8(&body).ok())
+        .filter(|text| !text.contains("\\u0000"));
+
+    let delivery = NewDelivery {
+        source: &source.name,
+        environment: &source.environment,
+        event_key: &event_key,
+        event_type: event_type.as_deref(),
+        payload: &body,
+        payload_json,
+        headers: stored_headers(request, &runtime.private_headers),
+        payload_sha256: &payload_sha256,
+        remote_addr: client,
+        new_outcome: "accepted",
+    };
+    let started = std::time::Instant::now();
+    let (outcome, event_id) =
+        with_deadline(state.request_timeout, store::ingest(&state.pool, &delivery))
+            .await
+            .map_err(|e| refuse(DeliveryError::Unavailable(e)))?;
+    metrics::histogram!("hookbox_ingest_seconds", "source" => source.name.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("hookbox_deliveries_total", "source" => source.name.clone(), "outcome" => outcome.as_str()).increment(1);
+    match outcome {
+        store::IngestOutcome::Conflict => tracing::warn!(
+            source = %source.name, %event_id,
+            "event key already stored with a different payload: not processed again"
+        ),
+        _ => {
+            tracing::info!(source = %source.name, %event_id, outcome = outcome.as_str(), "delivery stored")
+        }
+    }
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({ "status": outcome.as_str(), "event_id": event_id })))
+}
+
+/// Reads the body, refusing it as soon as it is known to be over the limit.
+async fn read_body(
+    request: &HttpRequest,
+    mut body: web::Payload,
+    limit: usize,
+    timeout: Duration,
+) -> Result<web::Bytes, DeliveryError> {
+    let declared = request
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(DeliveryError::TooLarge);
+    }
+    let read = async {
+        let mut bytes = web::BytesMut::with_capacity(declared.map_or(8192, |l| l as usize));
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|_| DeliveryError::BodyUnreadable)?;
+            if bytes.len() + chunk.len() > limit {
+                return Err(DeliveryError::TooLarge);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes.freeze())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| DeliveryError::BodyTimeout)?
+}
+
+/// Request headers as stored with the event: credentials and signatures removed.
+fn stored_headers(request: &HttpRequest, private: &[String]) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for (name, value) in request.headers() {
+        let name = name.as_str();
+        if private.iter().any(|p| p == name) || looks_like_credential(name) {
+            continue;
+        }
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        match map.get_mut(name) {
+            Some(serde_json::Value::String(existing)) => {
+                existing.push_str(", ");
+                existing.push_str(&value);
+            }
+            _ => {
+                map.insert(name.to_owned(), serde_json::Value::String(value));
+            }
+        }
+    }
+    serde_json::Value::Object(map)
+}
+
+fn looks_like_credential(name: &str) -> bool {
+    const WORDS: [&str; 7] = [
+        "authorization",
+        "cookie",
+        "secret",
+        "token",
+        "signature",
+        "password",
+        "api-key",
+    ];
+    WORDS.iter().any(|word| name.contains(word))
+}
+
+async fn with_deadline<T, E>(
+    deadline: Duration,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(deadline, work).await {
+        Ok(result) => result.map_err(anyhow::Error::from),
+        Err(_) => Err(anyhow::anyhow!(
+            "no answer from the database within {deadline:?}"
+        )),
+    }
+}
+
+/// Shared by the source's runtime: built once at start.
+pub(super) fn private_headers(runtime_source: &crate::config::Source) -> Vec<String> {
+    runtime_source
+        .scheme
+        .signature_headers()
+        .into_iter()
+        .map(str::to_ascii_lowercase)
+        .collect()
+}

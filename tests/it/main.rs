@@ -1,0 +1,7 @@
+//! hookbox's integration tests: one binary, a real PostgreSQL.
+
+mod cli;
+mod receiver;
+mod resilience;
+mod support;
+mod worker;

@@ -1,0 +1,123 @@
+//! The receiver when the database is away, and migrations run concurrently.
+
+use std::time::{Duration, Instant};
+
+use hookbox::pgcluster::{Cluster, ClusterOptions, StopMode};
+use sqlx::Connection;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn with_the_database_stopped_deliveries_get_503_quickly_and_200_once_it_returns() {
+    // A private cluster of its own: stopping it disturbs no other test.
+    let dir = tempfile::Builder::new()
+        .prefix("hookbox-outage-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let options = ClusterOptions {
+        durable: false,
+        remove_on_exit: true,
+        port: None,
+    };
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&dir, &options))
+        .await
+        .unwrap()
+        .unwrap();
+    let url = cluster.url("postgres");
+    hookbox::db::migrate(&url).await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let app = TestApp::spawn_on(
+        TestDb {
+            url: url.clone(),
+            pool,
+        },
+        BEGINI_CONFIG,
+        &[("BEGINI_API_KEY", BEGINI_KEY)],
+    )
+    .await;
+    assert_eq!(
+        app.post_signed(
+            "begini",
+            &begini_payload(&unique_uid(), "application.complete")
+        )
+        .await
+        .status,
+        200
+    );
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop(StopMode::Immediate).unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let during = begini_payload(&unique_uid(), "application.complete");
+    let started = Instant::now();
+    let answer = app.post_signed("begini", &during).await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(
+        answer.body,
+        serde_json::json!({"detail": "Service Unavailable"})
+    );
+    assert!(answer.headers.contains_key("retry-after"));
+    // request_timeout is 2s; the bound here is generous on purpose (no timing target).
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered without hanging"
+    );
+    let ready = app
+        .client
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart(false).unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let mut status = 0;
+    for _ in 0..50 {
+        status = app.post_signed("begini", &during).await.status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status, 200, "the receiver recovered without a restart");
+    let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox_events")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(events, 2, "nothing half-written during the outage");
+    drop(cluster);
+}
+
+#[tokio::test]
+async fn migrating_twice_and_from_several_processes_at_once_is_safe() {
+    let db = database().await;
+    let runs = (0..4).map(|_| hookbox::db::migrate(&db.url));
+    for report in futures_util::future::join_all(runs).await {
+        assert!(report.unwrap().applied.is_empty(), "already migrated");
+    }
+    let fresh = format!("hookbox_fresh_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query(&format!("CREATE DATABASE {fresh}"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut url = reqwest::Url::parse(&db.url).unwrap();
+    url.set_path(&fresh);
+    let url = url.to_string();
+    let runs = (0..4).map(|_| hookbox::db::migrate(&url));
+    let applied: usize = futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().applied.len())
+        .sum();
+    assert_eq!(applied, 1, "exactly one process applied V1");
+}

@@ -1,0 +1,269 @@
+//! Test support: a real PostgreSQL (from DATABASE_URL, else a private
+//! throwaway cluster), a fresh database per test, and a running receiver.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::Path,
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use hookbox::{
+    config::Config,
+    db,
+    pgcluster::{Cluster, ClusterOptions},
+    receiver::{self, Application},
+};
+use sqlx::{Connection, PgPool};
+
+enum Server {
+    External(String),
+    Private(Cluster),
+}
+
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(
+        || match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+            Some(url) => Server::External(url),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("hookbox-test-pg-")
+                    .tempdir()
+                    .unwrap()
+                    .keep();
+                let options = ClusterOptions {
+                    durable: false,
+                    remove_on_exit: true,
+                    port: None,
+                };
+                Server::Private(
+                    Cluster::start(&dir, &options).expect("a private PostgreSQL cluster"),
+                )
+            }
+        },
+    )
+}
+
+fn server_url(database: &str) -> String {
+    match server() {
+        Server::External(url) => {
+            let mut url = reqwest::Url::parse(url).expect("DATABASE_URL is a URL");
+            url.set_path(database);
+            url.to_string()
+        }
+        Server::Private(cluster) => cluster.url(database),
+    }
+}
+
+/// A migrated database of its own, so tests run in parallel.
+pub struct TestDb {
+    pub url: String,
+    pub pool: PgPool,
+}
+
+pub async fn database() -> TestDb {
+    init_logs();
+    let name = format!("hookbox_test_{}", uuid::Uuid::now_v7().simple());
+    let maintenance = tokio::task::spawn_blocking(|| server_url("postgres"))
+        .await
+        .unwrap();
+    let mut connection = sqlx::PgConnection::connect(&maintenance)
+        .await
+        .expect("connect to the test server");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    let url = server_url(&name);
+    db::migrate(&url).await.expect("migrations apply");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .unwrap();
+    TestDb { url, pool }
+}
+
+/// The key every test source signs with, unless a test says otherwise.
+pub const BEGINI_KEY: &str = "test-begini-api-key-5f2c";
+
+pub fn config(text: &str, env: &[(&str, &str)]) -> Config {
+    let env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::parse(text, Path::new("test.toml"), &env).expect("test config is valid")
+}
+
+/// A begini source (sandbox) keyed by `BEGINI_API_KEY`, receiver on port 0.
+pub const BEGINI_CONFIG: &str = r#"
+[receiver]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+request_timeout = "2s"
+max_body_bytes = 4096
+
+[[source]]
+name = "begini"
+environment = "sandbox"
+scheme = "begini"
+secrets_env = ["BEGINI_API_KEY"]
+"#;
+
+pub struct TestApp {
+    pub address: String,
+    pub admin_address: String,
+    pub db: TestDb,
+    pub config: Config,
+    pub client: reqwest::Client,
+}
+
+impl TestApp {
+    pub async fn spawn(config_text: &str, env: &[(&str, &str)]) -> Self {
+        let db = database().await;
+        Self::spawn_on(db, config_text, env).await
+    }
+
+    pub async fn spawn_on(db: TestDb, config_text: &str, env: &[(&str, &str)]) -> Self {
+        let config = config(config_text, env);
+        let pool = db::pool(&db.url, &receiver::pool_settings(&config)).unwrap();
+        let app = Application::build(&config, pool)
+            .await
+            .expect("receiver builds");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let admin_address = format!("http://127.0.0.1:{}", app.admin_port().unwrap_or(0));
+        tokio::spawn(app.run_until_stopped());
+        Self {
+            address,
+            admin_address,
+            db,
+            config,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn begini() -> Self {
+        Self::spawn(BEGINI_CONFIG, &[("BEGINI_API_KEY", BEGINI_KEY)]).await
+    }
+
+    /// POSTs `body` to `/webhooks/{source}` with exactly these headers.
+    pub async fn post(
+        &self,
+        source: &str,
+        body: impl Into<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut request = self
+            .client
+            .post(format!("{}/webhooks/{source}", self.address))
+            .body(body.into());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Answer::from(request.send().await.expect("request sent")).await
+    }
+
+    /// POSTs `body` signed with the source's first key, as its sender would.
+    pub async fn post_signed(&self, source: &str, body: &[u8]) -> Answer {
+        let headers = self.sign(source, body);
+        let pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.post(source, body.to_vec(), &pairs).await
+    }
+
+    pub fn sign(&self, source: &str, body: &[u8]) -> Vec<(String, String)> {
+        let source = self.config.source(source).expect("source configured");
+        let now = chrono::Utc::now().timestamp();
+        source.scheme.sign(
+            &source.keys[0],
+            body,
+            now,
+            &format!("msg_{}", uuid::Uuid::now_v7().simple()),
+        )
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    async fn from(response: reqwest::Response) -> Self {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::json!({ "raw": String::from_utf8_lossy(&bytes) }));
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn event_id(&self) -> uuid::Uuid {
+        self.body["event_id"]
+            .as_str()
+            .expect("an event_id")
+            .parse()
+            .unwrap()
+    }
+}
+
+/// A Begini envelope with a unique uid, as Begini sends it (compact JSON).
+pub fn begini_payload(uid: &str, event_type: &str) -> Vec<u8> {
+    format!(
+        r#"{{"uid":"{uid}","integration_id":"12345678901234567890","event":{{"type":"{event_type}","details":{{"scored_at":1644397637}},"reasons":[]}}}}"#
+    )
+    .into_bytes()
+}
+
+pub fn unique_uid() -> String {
+    uuid::Uuid::now_v7().simple().to_string().to_uppercase()
+}
+
+/// Every log line the tests produce, to search for leaked secrets and payloads.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.get().expect("logs captured").lock().unwrap()).into_owned()
+}
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logs() {
+    let buffer = LOGS
+        .get_or_init(|| Arc::new(Mutex::new(Vec::new())))
+        .clone();
+    let writer = move || Capture(buffer.clone());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            "debug,sqlx=warn,hyper=info,reqwest=info,actix_server=info,h2=info,rustls=info",
+        )
+        .with_writer(writer)
+        .json()
+        .try_init();
+}

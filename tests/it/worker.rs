@@ -1,0 +1,769 @@
+//! The worker: exactly-once effects, retries, dead events, leases, handlers.
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use hookbox::{
+    store::{self, NewDelivery},
+    worker::{AttemptOutcome, Event, Handler, HandlerError, LibraryHandlers, Worker},
+};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::support::*;
+
+const SIDE_EFFECTS: &str = "CREATE TABLE side_effects (event_id uuid NOT NULL, attempt int, at timestamptz NOT NULL DEFAULT now())";
+
+fn worker_config(extra: &str) -> String {
+    format!(
+        "{BEGINI_CONFIG}\n[worker]\nconcurrency = 4\nlease = \"30s\"\npoll_interval = \"100ms\"\n\
+         retry = {{ max_attempts = 3, initial = \"200ms\", max = \"5s\", multiplier = 2.0, jitter = 0.0 }}\n{extra}"
+    )
+}
+
+struct Setup {
+    db: TestDb,
+    worker: Worker,
+}
+
+async fn setup(extra: &str) -> Setup {
+    setup_with(extra, LibraryHandlers::default()).await
+}
+
+async fn setup_with(extra: &str, library: LibraryHandlers) -> Setup {
+    let db = database().await;
+    sqlx::query(SIDE_EFFECTS).execute(&db.pool).await.unwrap();
+    let env = [
+        ("BEGINI_API_KEY", BEGINI_KEY),
+        (
+            "DOWNSTREAM_KEY",
+            "whsec_c2VjcmV0LWtleS1mb3ItZG93bnN0cmVhbQ==",
+        ),
+    ];
+    let config = config(&worker_config(extra), &env);
+    let pool = hookbox::db::pool(&db.url, &hookbox::worker::pool_settings(&config)).unwrap();
+    let worker = Worker::from_config(&config, pool, library).unwrap();
+    Setup { db, worker }
+}
+
+async fn store_event(db: &TestDb, event_type: &str) -> Uuid {
+    let body = begini_payload(&unique_uid(), event_type);
+    let sha = hookbox::event_key::sha256_hex(&body);
+    let delivery = NewDelivery {
+        source: "begini",
+        environment: "sandbox",
+        event_key: &sha,
+        event_type: Some(event_type),
+        payload: &body,
+        payload_json: Some(std::str::from_utf8(&body).unwrap()),
+        headers: serde_json::json!({}),
+        payload_sha256: &sha,
+        remote_addr: None,
+        new_outcome: "accepted",
+    };
+    store::ingest(&db.pool, &delivery).await.unwrap().1
+}
+
+async fn status_of(db: &TestDb, id: Uuid) -> String {
+    sqlx::query_scalar!("SELECT status FROM inbox_events WHERE id = $1", id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn attempt_outcomes(db: &TestDb, id: Uuid) -> Vec<String> {
+    sqlx::query_scalar!(
+        r#"SELECT outcome AS "outcome!" FROM inbox_attempts WHERE event_id = $1 ORDER BY attempt"#,
+        id
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// Drives the worker until the event leaves the queue (bounded).
+async fn drive_until_finished(setup: &Setup, id: Uuid) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        setup.worker.process_next().await.unwrap();
+        let status = status_of(&setup.db, id).await;
+        if matches!(status.as_str(), "succeeded" | "dead" | "skipped") || Instant::now() > deadline
+        {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const ROUTE_ALL_TO: &str = "[[route]]\nsource = \"begini\"\nhandler = \"h\"\n";
+
+#[tokio::test]
+async fn a_sql_handler_effect_its_status_and_its_attempt_commit_together() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id, attempt) VALUES ($3, $6)\"\n"
+    ))
+    .await;
+    let id = store_event(&setup.db, "psychometric_score.complete").await;
+
+    assert_eq!(drive_until_finished(&setup, id).await, "succeeded");
+
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM side_effects WHERE event_id = $1")
+        .bind(id)
+        .fetch_one(&setup.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(effects, 1);
+    let attempt = sqlx::query!("SELECT attempt, handler, outcome, worker_id, finished_at FROM inbox_attempts WHERE event_id = $1", id)
+        .fetch_one(&setup.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            attempt.attempt,
+            attempt.handler.as_deref(),
+            attempt.outcome.as_deref()
+        ),
+        (1, Some("h"), Some("succeeded"))
+    );
+    assert_eq!(attempt.worker_id, setup.worker.id());
+    assert!(attempt.finished_at.is_some());
+    let event = sqlx::query!(
+        "SELECT attempts, processed_at, locked_by FROM inbox_events WHERE id = $1",
+        id
+    )
+    .fetch_one(&setup.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(event.attempts, 1);
+    assert!(event.processed_at.is_some() && event.locked_by.is_none());
+}
+
+const FLAKY: &str = r#"
+CREATE FUNCTION flaky(event uuid, attempt int) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO side_effects (event_id, attempt) VALUES (event, attempt);
+    IF attempt < 3 THEN RAISE EXCEPTION 'downstream not ready'; END IF;
+END $$"#;
+
+#[tokio::test]
+async fn a_handler_that_fails_twice_then_succeeds_leaves_three_attempts_with_growing_gaps() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"SELECT flaky($3, $6)\"\n"
+    ))
+    .await;
+    sqlx::query(FLAKY).execute(&setup.db.pool).await.unwrap();
+    // Three attempts must be allowed to reach the third.
+    let id = store_event(&setup.db, "application.complete").await;
+
+    assert_eq!(drive_until_finished(&setup, id).await, "succeeded");
+
+    assert_eq!(
+        attempt_outcomes(&setup.db, id).await,
+        ["retry", "retry", "succeeded"]
+    );
+    let starts: Vec<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar!(
+        "SELECT started_at FROM inbox_attempts WHERE event_id = $1 ORDER BY attempt",
+        id
+    )
+    .fetch_all(&setup.db.pool)
+    .await
+    .unwrap();
+    let first_gap = starts[1] - starts[0];
+    let second_gap = starts[2] - starts[1];
+    assert!(
+        first_gap >= chrono::Duration::milliseconds(200),
+        "{first_gap}"
+    );
+    assert!(
+        second_gap >= chrono::Duration::milliseconds(400),
+        "{second_gap}"
+    );
+    assert!(second_gap > first_gap);
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM side_effects")
+        .fetch_one(&setup.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(effects, 1, "failed attempts rolled their effects back");
+}
+
+#[tokio::test]
+async fn a_handler_that_always_fails_ends_dead_after_max_attempts() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"SELECT flaky($3, 0)\"\n"
+    ))
+    .await;
+    sqlx::query(FLAKY).execute(&setup.db.pool).await.unwrap();
+    let id = store_event(&setup.db, "application.complete").await;
+
+    assert_eq!(drive_until_finished(&setup, id).await, "dead");
+
+    assert_eq!(
+        attempt_outcomes(&setup.db, id).await,
+        ["retry", "retry", "dead"]
+    );
+    let last_error: Option<String> =
+        sqlx::query_scalar!("SELECT last_error FROM inbox_events WHERE id = $1", id)
+            .fetch_one(&setup.db.pool)
+            .await
+            .unwrap();
+    assert!(last_error.unwrap().contains("gave up after 3 attempts"));
+}
+
+#[tokio::test]
+async fn a_permanent_failure_ends_dead_after_one_attempt() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id, attempt) VALUES ($3, 1 / 0)\"\n"
+    ))
+    .await;
+    let id = store_event(&setup.db, "application.complete").await;
+
+    assert_eq!(drive_until_finished(&setup, id).await, "dead");
+    assert_eq!(attempt_outcomes(&setup.db, id).await, ["dead"]);
+}
+
+#[tokio::test]
+async fn an_event_no_route_matches_is_skipped_with_an_attempt_saying_so() {
+    let setup = setup(
+        "[[route]]\nsource = \"begini\"\nevent_types = [\"psychometric_score.*\"]\nhandler = \"h\"\n\
+         [handler.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n",
+    )
+    .await;
+    let id = store_event(&setup.db, "application.expired").await;
+
+    assert_eq!(drive_until_finished(&setup, id).await, "skipped");
+    let error: Option<String> = sqlx::query_scalar!(
+        "SELECT error FROM inbox_attempts WHERE event_id = $1 AND outcome = 'skipped'",
+        id
+    )
+    .fetch_one(&setup.db.pool)
+    .await
+    .unwrap();
+    assert!(error.unwrap().contains("no route matches"));
+}
+
+/// A transactional handler holds the event's row from the lease check to its
+/// commit, so rescue cannot take it mid-statement. The lease can be lost only
+/// before the completion transaction: by an external handler that overran it.
+#[tokio::test]
+async fn a_worker_that_overran_its_lease_records_nothing_and_the_rescue_does() {
+    let db = database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs");
+    let script = format!(
+        "if [ \"$HOOKBOX_ATTEMPT\" = 1 ]; then sleep 1.5; fi; echo \"$HOOKBOX_ATTEMPT\" >> '{}'",
+        runs.display()
+    );
+    let text = worker_config(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"exec\"\ncommand = [\"sh\", \"-c\", {}]\n",
+        toml::Value::String(script)
+    ))
+    .replace("lease = \"30s\"", "lease = \"1s\"");
+    let config = config(&text, &[("BEGINI_API_KEY", BEGINI_KEY)]);
+    let pool = hookbox::db::pool(&db.url, &hookbox::worker::pool_settings(&config)).unwrap();
+    let worker = Worker::from_config(&config, pool, LibraryHandlers::default()).unwrap();
+    let setup = Setup { db, worker };
+    let id = store_event(&setup.db, "application.complete").await;
+
+    let outcomes = setup.worker.process_next().await.unwrap();
+    assert_eq!(outcomes, [AttemptOutcome::LeaseLost]);
+    assert_eq!(
+        status_of(&setup.db, id).await,
+        "processing",
+        "the late worker recorded nothing"
+    );
+
+    assert_eq!(setup.worker.rescue_expired_leases().await.unwrap(), 1);
+    assert_eq!(drive_until_finished(&setup, id).await, "succeeded");
+    assert_eq!(
+        attempt_outcomes(&setup.db, id).await,
+        ["lease_expired", "succeeded"]
+    );
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "1\n2\n",
+        "at-least-once, with the attempt visible"
+    );
+}
+
+#[tokio::test]
+async fn an_event_that_keeps_killing_its_worker_ends_dead() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n"
+    ))
+    .await;
+    let id = store_event(&setup.db, "application.complete").await;
+    // Three claims whose workers never come back (max_attempts = 3).
+    for _ in 0..3 {
+        sqlx::query!(
+            "UPDATE inbox_events SET status = 'processing', attempts = attempts + 1, locked_by = 'gone',
+                    locked_until = now() - interval '1s' WHERE id = $1",
+            id
+        )
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+        sqlx::query!(
+            "INSERT INTO inbox_attempts (event_id, attempt, worker_id) SELECT id, attempts, 'gone' FROM inbox_events WHERE id = $1",
+            id
+        )
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+        setup.worker.rescue_expired_leases().await.unwrap();
+    }
+    assert_eq!(status_of(&setup.db, id).await, "dead");
+    assert_eq!(
+        attempt_outcomes(&setup.db, id).await,
+        ["lease_expired", "lease_expired", "lease_expired"]
+    );
+}
+
+struct RecordingHandler(Arc<Mutex<Vec<Uuid>>>);
+
+#[async_trait]
+impl Handler for RecordingHandler {
+    async fn handle(
+        &self,
+        event: &Event,
+        transaction: &mut PgConnection,
+    ) -> Result<(), HandlerError> {
+        sqlx::query("INSERT INTO side_effects (event_id, attempt) VALUES ($1, $2)")
+            .bind(event.id)
+            .bind(event.attempt)
+            .execute(transaction)
+            .await
+            .map_err(|e| HandlerError::retryable(e.to_string()))?;
+        self.0.lock().unwrap().push(event.id);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_library_handler_gets_the_event_and_the_transaction() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let library = LibraryHandlers::default().with("mine", RecordingHandler(seen.clone()));
+    let setup = setup_with(
+        "[[route]]\nsource = \"begini\"\nhandler = \"mine\"\n[handler.mine]\nkind = \"library\"\n",
+        library,
+    )
+    .await;
+    let id = store_event(&setup.db, "application.complete").await;
+
+    assert_eq!(drive_until_finished(&setup, id).await, "succeeded");
+    assert_eq!(*seen.lock().unwrap(), [id]);
+}
+
+#[tokio::test]
+async fn an_exec_handler_gets_the_payload_and_metadata_and_exit_65_is_permanent() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = format!(
+        "cat > '{out}.payload'; echo \"$HOOKBOX_EVENT_ID $HOOKBOX_SOURCE $HOOKBOX_EVENT_TYPE $HOOKBOX_ATTEMPT\" > '{out}.env'; \
+         echo 'cannot use this score' >&2; exit 65",
+        out = out.display()
+    );
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"exec\"\ncommand = [\"sh\", \"-c\", {}]\ntimeout = \"10s\"\n",
+        toml::Value::String(script)
+    ))
+    .await;
+    let id = store_event(&setup.db, "android_score.complete").await;
+
+    assert_eq!(drive_until_finished(&setup, id).await, "dead");
+
+    let payload: Vec<u8> =
+        sqlx::query_scalar!("SELECT payload FROM inbox_events WHERE id = $1", id)
+            .fetch_one(&setup.db.pool)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        std::fs::read(format!("{}.payload", out.display())).unwrap(),
+        payload
+    );
+    let env = std::fs::read_to_string(format!("{}.env", out.display())).unwrap();
+    assert_eq!(env.trim(), format!("{id} begini android_score.complete 1"));
+    let error: Option<String> =
+        sqlx::query_scalar!("SELECT error FROM inbox_attempts WHERE event_id = $1", id)
+            .fetch_one(&setup.db.pool)
+            .await
+            .unwrap();
+    assert!(error.unwrap().contains("cannot use this score"));
+}
+
+/// What the downstream test server saw: headers and body.
+type ReceivedRequest = (Vec<(String, String)>, Vec<u8>);
+
+#[tokio::test]
+async fn an_http_handler_sends_the_headers_and_honours_retry_after() {
+    use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+    let received: Arc<Mutex<Vec<ReceivedRequest>>> = Arc::default();
+    let log = received.clone();
+    let server = HttpServer::new(move || {
+        let log = log.clone();
+        App::new().default_service(web::to(move |request: HttpRequest, body: web::Bytes| {
+            let log = log.clone();
+            async move {
+                let headers = request
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                    .collect();
+                let mut log = log.lock().unwrap();
+                log.push((headers, body.to_vec()));
+                if log.len() == 1 {
+                    HttpResponse::ServiceUnavailable()
+                        .insert_header(("Retry-After", "2"))
+                        .finish()
+                } else {
+                    HttpResponse::Ok().finish()
+                }
+            }
+        }))
+    })
+    .workers(1)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let port = server.addrs()[0].port();
+    tokio::spawn(server.run());
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/hook\"\ntimeout = \"5s\"\nsigning_secret_env = \"DOWNSTREAM_KEY\"\n"
+    ))
+    .await;
+    let id = store_event(&setup.db, "ios_score.complete").await;
+
+    setup.worker.process_next().await.unwrap();
+    let retry = sqlx::query!(
+        r#"SELECT e.next_attempt_at, a.finished_at AS "finished_at!" FROM inbox_events e
+           JOIN inbox_attempts a ON a.event_id = e.id WHERE e.id = $1"#,
+        id
+    )
+    .fetch_one(&setup.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        retry.next_attempt_at - retry.finished_at >= chrono::Duration::milliseconds(1990),
+        "Retry-After: 2 honoured"
+    );
+    assert_eq!(drive_until_finished(&setup, id).await, "succeeded");
+
+    let (headers, body) = {
+        let received = received.lock().unwrap();
+        assert_eq!(received.len(), 2);
+        received[1].clone()
+    };
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header("idempotency-key"), Some(id.to_string()));
+    assert_eq!(header("hookbox-event-id"), Some(id.to_string()));
+    assert_eq!(
+        header("hookbox-event-type").as_deref(),
+        Some("ios_score.complete")
+    );
+    assert_eq!(header("hookbox-attempt").as_deref(), Some("2"));
+    assert!(header("webhook-signature").unwrap().starts_with("v1,"));
+    let stored: Vec<u8> = sqlx::query_scalar!("SELECT payload FROM inbox_events WHERE id = $1", id)
+        .fetch_one(&setup.db.pool)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(body, stored, "the raw payload is posted");
+}
+
+// ---- processes: crashes and graceful stops --------------------------------
+
+struct WorkerProcesses {
+    config_path: std::path::PathBuf,
+    url: String,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl WorkerProcesses {
+    fn start(url: &str, config_text: &str, count: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("hookbox.toml");
+        std::fs::write(&config_path, config_text).unwrap();
+        let mut processes = Self {
+            config_path,
+            url: url.to_owned(),
+            children: Vec::new(),
+            _dir: dir,
+        };
+        for _ in 0..count {
+            let child = processes.spawn();
+            processes.children.push(child);
+        }
+        processes
+    }
+
+    fn spawn(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_hookbox-worker"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("DATABASE_URL", &self.url)
+            .env("BEGINI_API_KEY", BEGINI_KEY)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("hookbox-worker starts")
+    }
+
+    fn terminate_all(&mut self) -> Vec<Option<i32>> {
+        for child in &self.children {
+            // SAFETY: plain kill(2) on a child we own.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        self.children
+            .iter_mut()
+            .map(|child| loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status.code();
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            })
+            .collect()
+    }
+}
+
+impl Drop for WorkerProcesses {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn scalar(db: &TestDb, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_holds_while_workers_are_killed_at_random() {
+    const EVENTS: usize = 5000;
+    let app = TestApp::begini().await;
+    sqlx::query(SIDE_EFFECTS)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let worker_text = format!(
+        "{BEGINI_CONFIG}\n[worker]\nconcurrency = 8\nlease = \"2s\"\npoll_interval = \"200ms\"\nshutdown_grace = \"5s\"\n\
+         retry = {{ max_attempts = 100, initial = \"100ms\", max = \"1s\", multiplier = 2.0, jitter = 0.2 }}\n\
+         {ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
+         statement = \"INSERT INTO side_effects (event_id, attempt) SELECT $3, $6 FROM pg_sleep(0.05)\"\n"
+    );
+
+    // 5,000 events, a fifth of them delivered twice.
+    let bodies: Vec<Vec<u8>> = (0..EVENTS)
+        .map(|_| begini_payload(&unique_uid(), "psychometric_score.complete"))
+        .collect();
+    let deliveries = bodies.iter().chain(bodies.iter().take(EVENTS / 5));
+    let statuses: Vec<u16> = futures_util::stream::iter(deliveries)
+        .map(|body| app.post_signed("begini", body))
+        .buffer_unordered(32)
+        .map(|answer| answer.status)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == 200));
+    assert_eq!(
+        scalar(&app.db, "SELECT count(*) FROM inbox_events").await,
+        EVENTS as i64
+    );
+
+    let url = app.db.url.clone();
+    let mut workers =
+        tokio::task::spawn_blocking(move || WorkerProcesses::start(&url, &worker_text, 4))
+            .await
+            .unwrap();
+    let mut killed_pids = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while killed_pids.len() < 12 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300 + rand::random_range(0..300))).await;
+        if scalar(
+            &app.db,
+            "SELECT count(*) FROM inbox_events WHERE status IN ('pending', 'retrying')",
+        )
+        .await
+            < 300
+        {
+            break;
+        }
+        let index = rand::random_range(0..workers.children.len());
+        let pid = workers.children[index].id();
+        // Kill only a worker that holds work right now, so the kill must show.
+        let holding = scalar(
+            &app.db,
+            &format!("SELECT count(*) FROM inbox_events WHERE status = 'processing' AND locked_by LIKE '%:{pid}:%'"),
+        )
+        .await;
+        if holding == 0 {
+            continue;
+        }
+        workers.children[index].kill().unwrap();
+        workers.children[index].wait().unwrap();
+        killed_pids.push(pid);
+        workers.children[index] = workers.spawn();
+    }
+    assert!(
+        killed_pids.len() >= 10,
+        "only {} kills happened",
+        killed_pids.len()
+    );
+
+    // Late re-deliveries of processed events: acknowledged, never run again.
+    let wait_all = Instant::now() + Duration::from_secs(180);
+    while scalar(
+        &app.db,
+        "SELECT count(*) FROM inbox_events WHERE status <> 'succeeded'",
+    )
+    .await
+        > 0
+        && Instant::now() < wait_all
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for body in bodies.iter().take(100) {
+        let answer = app.post_signed("begini", body).await;
+        assert_eq!(
+            (answer.status, answer.body["status"].as_str()),
+            (200, Some("duplicate"))
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let exits = tokio::task::spawn_blocking(move || workers.terminate_all())
+        .await
+        .unwrap();
+    assert!(
+        exits.iter().all(|code| *code == Some(0)),
+        "graceful exits: {exits:?}"
+    );
+
+    let db = &app.db;
+    assert_eq!(
+        scalar(
+            db,
+            "SELECT count(*) FROM inbox_events WHERE status = 'succeeded'"
+        )
+        .await,
+        EVENTS as i64
+    );
+    assert_eq!(
+        scalar(db, "SELECT count(*) FROM side_effects").await,
+        EVENTS as i64,
+        "one effect per event"
+    );
+    assert_eq!(
+        scalar(db, "SELECT count(DISTINCT event_id) FROM side_effects").await,
+        EVENTS as i64
+    );
+    for pid in killed_pids {
+        let expired = scalar(
+            db,
+            &format!("SELECT count(*) FROM inbox_attempts WHERE outcome = 'lease_expired' AND worker_id LIKE '%:{pid}:%'"),
+        )
+        .await;
+        assert!(
+            expired >= 1,
+            "the kill of worker {pid} shows as a lease_expired attempt"
+        );
+    }
+    assert_eq!(
+        scalar(
+            db,
+            "SELECT count(*) FROM inbox_attempts WHERE finished_at IS NULL"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_claiming_lets_work_finish_and_exits_zero() {
+    let app = TestApp::begini().await;
+    sqlx::query(SIDE_EFFECTS)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        app.post_signed(
+            "begini",
+            &begini_payload(&unique_uid(), "application.complete"),
+        )
+        .await;
+    }
+    let text = format!(
+        "{BEGINI_CONFIG}\n[worker]\nconcurrency = 4\nlease = \"30s\"\npoll_interval = \"200ms\"\nshutdown_grace = \"10s\"\n\
+         {ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id) SELECT $3 FROM pg_sleep(0.3)\"\n"
+    );
+    let url = app.db.url.clone();
+    let mut workers = tokio::task::spawn_blocking(move || WorkerProcesses::start(&url, &text, 1))
+        .await
+        .unwrap();
+    while scalar(
+        &app.db,
+        "SELECT count(*) FROM inbox_events WHERE status = 'processing'",
+    )
+    .await
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let exits = tokio::task::spawn_blocking(move || workers.terminate_all())
+        .await
+        .unwrap();
+
+    assert_eq!(exits, [Some(0)]);
+    assert_eq!(
+        scalar(
+            &app.db,
+            "SELECT count(*) FROM inbox_events WHERE status = 'processing'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar(
+            &app.db,
+            "SELECT count(*) FROM inbox_attempts WHERE outcome = 'lease_expired'"
+        )
+        .await,
+        0
+    );
+    assert!(
+        scalar(
+            &app.db,
+            "SELECT count(*) FROM inbox_events WHERE status = 'pending'"
+        )
+        .await
+            > 0,
+        "claiming stopped"
+    );
+    assert_eq!(
+        scalar(&app.db, "SELECT count(*) FROM side_effects").await,
+        scalar(
+            &app.db,
+            "SELECT count(*) FROM inbox_events WHERE status = 'succeeded'"
+        )
+        .await
+    );
+}
