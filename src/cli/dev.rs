@@ -25,7 +25,7 @@ pub struct DevArgs {
     /// Where the private cluster, the generated config and the development secret live.
     #[arg(long, default_value = ".hookbox")]
     pub data_dir: PathBuf,
-    /// The receiver's port on 127.0.0.1.
+    /// The receiver's port on 127.0.0.1 (0: any free port).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
 }
@@ -35,7 +35,8 @@ pub async fn run(_common: &CommonArgs, args: DevArgs) -> anyhow::Result<ExitCode
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
     let config_path = write_dev_config(&data_dir, args.port)?;
-    let config = Config::load(&config_path)?;
+    let mut config = Config::load(&config_path)?;
+    config.receiver.listen = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
 
     let (url, cluster) = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
         Some(url) => (url, None),

@@ -105,3 +105,66 @@ fn every_command_has_help() {
         assert!(output.status.success(), "{args:?}");
     }
 }
+
+#[test]
+fn the_shipped_example_configuration_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/hookbox.toml");
+    let output = hookbox()
+        .args(["config", "check", "--config", path])
+        .env("BEGINI_API_KEY", "k")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// What a newcomer does: `hookbox dev`, then the printed `hookbox send` line,
+/// then Ctrl-C. No DATABASE_URL: dev makes its own cluster.
+#[test]
+fn dev_runs_a_whole_inbox_that_accepts_send_and_stops_cleanly_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::Builder::new()
+        .prefix("hookbox-dev-")
+        .tempdir()
+        .unwrap();
+    let mut dev = hookbox()
+        .args(["dev", "--port", "0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    let mut send_line = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.trim_start().starts_with("cargo run -- --config") {
+            send_line = Some(line.clone());
+        }
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    let send_line = send_line.expect("dev prints how to send a test event");
+    let args: Vec<&str> = send_line.split_whitespace().skip(3).collect();
+
+    let sent = hookbox().args(&args).output().unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert!(String::from_utf8_lossy(&sent.stdout).starts_with("200 "));
+
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(dev.id() as i32, libc::SIGINT) };
+    let status = dev.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let pid_file = dir.path().join("postgres/postmaster.pid");
+    assert!(!pid_file.exists(), "the private cluster was stopped");
+}

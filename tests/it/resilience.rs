@@ -121,3 +121,113 @@ async fn migrating_twice_and_from_several_processes_at_once_is_safe() {
         .sum();
     assert_eq!(applied, 1, "exactly one process applied V1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_worker_reconnects_by_itself_after_a_database_restart() {
+    let dir = tempfile::Builder::new()
+        .prefix("hookbox-restart-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let options = ClusterOptions {
+        durable: false,
+        remove_on_exit: true,
+        port: None,
+    };
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&dir, &options))
+        .await
+        .unwrap()
+        .unwrap();
+    let url = cluster.url("postgres");
+    hookbox::db::migrate(&url).await.unwrap();
+    let text = format!(
+        "{BEGINI_CONFIG}\n[worker]\npoll_interval = \"500ms\"\n[[route]]\nsource = \"begini\"\nhandler = \"h\"\n\
+         [handler.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n"
+    );
+    let config = config(&text, &[("BEGINI_API_KEY", BEGINI_KEY)]);
+    let pool = hookbox::db::pool(&url, &hookbox::worker::pool_settings(&config)).unwrap();
+    let worker = hookbox::worker::Worker::from_config(&config, pool, Default::default()).unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    let app = TestApp::spawn_on(
+        TestDb {
+            url: url.clone(),
+            pool: sqlx::PgPool::connect(&url).await.unwrap(),
+        },
+        BEGINI_CONFIG,
+        &[("BEGINI_API_KEY", BEGINI_KEY)],
+    )
+    .await;
+
+    let succeeded = |app: &TestApp| {
+        let pool = app.db.pool.clone();
+        async move {
+            for _ in 0..100 {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM inbox_events WHERE status = 'succeeded'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0);
+                if n > 0 {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            0
+        }
+    };
+    assert_eq!(
+        app.post_signed(
+            "begini",
+            &begini_payload(&unique_uid(), "application.complete")
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(succeeded(&app).await, 1);
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop(StopMode::Immediate).unwrap();
+        cluster.restart(false).unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let mut status = 0;
+    for _ in 0..50 {
+        status = app
+            .post_signed(
+                "begini",
+                &begini_payload(&unique_uid(), "application.complete"),
+            )
+            .await
+            .status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status, 200);
+    let mut done = 0;
+    for _ in 0..100 {
+        done = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM inbox_events WHERE status = 'succeeded'",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap_or(0);
+        if done == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        done, 2,
+        "the worker processed an event stored after the restart"
+    );
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    drop(cluster);
+}
