@@ -3,5 +3,6 @@
 mod cli;
 mod receiver;
 mod resilience;
+mod safeguards;
 mod support;
 mod worker;
