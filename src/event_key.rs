@@ -49,6 +49,44 @@ impl ExtractError {
     }
 }
 
+/// What the inbox stores about a payload besides its bytes.
+#[derive(Clone, Debug)]
+pub struct EventFields<'a> {
+    pub event_key: String,
+    pub event_type: Option<String>,
+    /// The payload as JSON text, when it is JSON PostgreSQL's `jsonb` can hold
+    /// (it cannot hold `\u0000`; such payloads keep their bytes only).
+    pub json_text: Option<&'a str>,
+}
+
+impl<'a> EventFields<'a> {
+    /// Derives key, type and JSON text the same way for every way in (HTTP
+    /// delivery or import).
+    pub fn extract(
+        key: &EventKeySpec,
+        kind: Option<&FieldSpec>,
+        payload: &'a [u8],
+        payload_sha256: &str,
+        headers: &(impl HeaderLookup + ?Sized),
+    ) -> Result<Self, ExtractError> {
+        let json: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
+        if json.is_none() && (key.needs_json() || kind.is_some_and(FieldSpec::needs_json)) {
+            return Err(ExtractError::NotJson);
+        }
+        let event_key = key.extract(payload_sha256, json.as_ref(), headers)?;
+        let event_type = kind.and_then(|spec| spec.extract(json.as_ref(), headers));
+        let json_text = json
+            .as_ref()
+            .and_then(|_| std::str::from_utf8(payload).ok())
+            .filter(|text| !text.contains("\\u0000"));
+        Ok(Self {
+            event_key,
+            event_type,
+            json_text,
+        })
+    }
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }

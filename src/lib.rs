@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod duration;
 pub mod event_key;
+pub mod ops;
 pub mod pgcluster;
 pub mod receiver;
 pub mod secret;

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// A verified delivery, ready to be stored.
@@ -53,7 +53,7 @@ pub enum StoreError {
 /// Stores the event if its key is new and always records the delivery, in one
 /// statement (so one transaction). The caller answers only after this returns.
 pub async fn ingest(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     delivery: &NewDelivery<'_>,
 ) -> Result<(IngestOutcome, Uuid), StoreError> {
     let id = Uuid::now_v7();
@@ -107,7 +107,7 @@ pub async fn ingest(
             remote_addr,
             delivery.new_outcome,
         )
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
         .await?;
         if let Some(row) = row {
             let outcome = match row.kind.as_str() {

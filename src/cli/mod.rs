@@ -1,6 +1,8 @@
 //! The `hookbox` operator command.
 
 mod dev;
+mod operate;
+mod output;
 mod send;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -54,6 +56,19 @@ pub enum Command {
     Send(send::SendArgs),
     /// Run a complete local inbox: private PostgreSQL, receiver and worker.
     Dev(dev::DevArgs),
+    /// Events per source and status, the oldest due event, recent throughput.
+    Status(operate::StatusArgs),
+    /// List events, or show one with its timeline.
+    Events {
+        #[command(subcommand)]
+        command: operate::EventsCommand,
+    },
+    /// Run finished events again (by ids or by filter).
+    Replay(operate::ReplayArgs),
+    /// Drop old payloads (keys stay) and old audit rows.
+    Prune(operate::PruneArgs),
+    /// Feed events obtained out of band (JSON Lines) into the inbox.
+    Import(operate::ImportArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,5 +118,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Send(args) => send::run(&cli.common, args).await,
         Command::Dev(args) => dev::run(&cli.common, args).await.context("hookbox dev"),
+        Command::Status(args) => operate::status(&cli.common, args).await,
+        Command::Events { command } => operate::events(&cli.common, command).await,
+        Command::Replay(args) => operate::replay(&cli.common, args).await,
+        Command::Prune(args) => operate::prune(&cli.common, args).await,
+        Command::Import(args) => operate::import(&cli.common, args).await,
     }
 }

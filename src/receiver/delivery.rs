@@ -9,7 +9,7 @@ use governor::clock::{Clock, DefaultClock};
 
 use super::{error::DeliveryError, network, ReceiverState, SourceRuntime};
 use crate::{
-    event_key::{sha256_hex, ExtractError},
+    event_key::{sha256_hex, EventFields},
     signature::{HeaderLookup, Rejection},
     store::{self, NewDelivery},
 };
@@ -142,43 +142,35 @@ async fn accept(
         return Err(refuse(DeliveryError::Signature(rejection)));
     }
 
-    let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
-    let needs_json =
-        source.event_key.needs_json() || source.event_type.as_ref().is_some_and(|t| t.needs_json());
-    if needs_json && json.is_none() {
-        return Err(refuse(ExtractError::NotJson.into()));
-    }
-    let event_key = source
-        .event_key
-        .extract(&payload_sha256, json.as_ref(), headers)
-        .map_err(|e| refuse(e.into()))?;
-    let event_type = source
-        .event_type
-        .as_ref()
-        .and_then(|spec| spec.extract(json.as_ref(), headers));
-    // PostgreSQL's jsonb cannot hold \u0000; such payloads keep their bytes only.
-    let payload_json = json
-        .as_ref()
-        .and_then(|_| std::str::from_utf8(&body).ok())
-        .filter(|text| !text.contains("\\u0000"));
+    let fields = EventFields::extract(
+        &source.event_key,
+        source.event_type.as_ref(),
+        &body,
+        &payload_sha256,
+        headers,
+    )
+    .map_err(|e| refuse(e.into()))?;
 
     let delivery = NewDelivery {
         source: &source.name,
         environment: &source.environment,
-        event_key: &event_key,
-        event_type: event_type.as_deref(),
+        event_key: &fields.event_key,
+        event_type: fields.event_type.as_deref(),
         payload: &body,
-        payload_json,
+        payload_json: fields.json_text,
         headers: stored_headers(request, &runtime.private_headers),
         payload_sha256: &payload_sha256,
         remote_addr: client,
         new_outcome: "accepted",
     };
     let started = std::time::Instant::now();
-    let (outcome, event_id) =
-        with_deadline(state.request_timeout, store::ingest(&state.pool, &delivery))
-            .await
-            .map_err(|e| refuse(DeliveryError::Unavailable(e)))?;
+    let store = async {
+        let mut connection = state.pool.acquire().await?;
+        store::ingest(&mut connection, &delivery).await
+    };
+    let (outcome, event_id) = with_deadline(state.request_timeout, store)
+        .await
+        .map_err(|e| refuse(DeliveryError::Unavailable(e)))?;
     metrics::histogram!("hookbox_ingest_seconds", "source" => source.name.clone())
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("hookbox_deliveries_total", "source" => source.name.clone(), "outcome" => outcome.as_str()).increment(1);

@@ -66,7 +66,10 @@ async fn store_event(db: &TestDb, event_type: &str) -> Uuid {
         remote_addr: None,
         new_outcome: "accepted",
     };
-    store::ingest(&db.pool, &delivery).await.unwrap().1
+    store::ingest(&mut db.pool.acquire().await.unwrap(), &delivery)
+        .await
+        .unwrap()
+        .1
 }
 
 async fn status_of(db: &TestDb, id: Uuid) -> String {

@@ -1,0 +1,234 @@
+//! `hookbox import`: events obtained out of band after an outage (a provider's
+//! export or API listing) enter the inbox as if delivered, deduplicated by key
+//! and audited as `imported`.
+
+use std::{collections::HashSet, io::BufRead};
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::{add_affected, record_action};
+use crate::{
+    config::Source,
+    event_key::{sha256_hex, EventFields, EventKeySpec},
+    store::{self, IngestOutcome, NewDelivery},
+};
+
+#[derive(Clone, Debug)]
+pub struct ImportRequest {
+    pub file_name: String,
+    pub dry_run: bool,
+    pub actor: String,
+    pub reason: Option<String>,
+    pub batch_size: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImportReport {
+    pub action_id: Option<i64>,
+    pub lines: u64,
+    /// New events (for a dry run: that would be new).
+    pub stored: u64,
+    /// Already stored with the same payload.
+    pub duplicates: u64,
+    /// Already stored with a different payload.
+    pub conflicts: u64,
+    /// `(line number, why)` of lines that could not be imported.
+    pub invalid: Vec<(u64, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("source {name} takes its event key from the {header} header; imported lines carry no headers")]
+    HeaderKey { name: String, header: String },
+    #[error("cannot read the input: {0}")]
+    Read(#[from] std::io::Error),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// One payload per line (JSON Lines); blank lines are ignored.
+pub async fn import(
+    pool: &PgPool,
+    source: &Source,
+    input: impl BufRead,
+    request: &ImportRequest,
+    progress: impl Fn(u64),
+) -> Result<ImportReport, ImportError> {
+    if let EventKeySpec::Header(header) = &source.event_key {
+        return Err(ImportError::HeaderKey {
+            name: source.name.clone(),
+            header: header.clone(),
+        });
+    }
+    let mut report = ImportReport::default();
+    let action_id = if request.dry_run {
+        None
+    } else {
+        let recorded = serde_json::json!({ "source": source.name, "file": request.file_name });
+        let mut conn = pool.acquire().await?;
+        Some(
+            record_action(
+                &mut conn,
+                &request.actor,
+                "import",
+                &recorded,
+                request.reason.as_deref(),
+            )
+            .await?,
+        )
+    };
+    report.action_id = action_id;
+    let mut seen_in_dry_run = HashSet::new();
+    let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(request.batch_size);
+    let mut lines = input.split(b'\n');
+    let mut number = 0u64;
+    loop {
+        let line = lines.next().transpose()?;
+        let ended = line.is_none();
+        if let Some(mut line) = line {
+            number += 1;
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            report.lines += 1;
+            batch.push((number, line));
+            if batch.len() < request.batch_size {
+                continue;
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let done = batch.len() as u64;
+        match action_id {
+            Some(action_id) => import_batch(pool, source, action_id, &batch, &mut report).await?,
+            None => check_batch(pool, source, &batch, &mut seen_in_dry_run, &mut report).await?,
+        }
+        batch.clear();
+        progress(done);
+        if ended {
+            break;
+        }
+    }
+    if let Some(action_id) = action_id {
+        let counts = serde_json::json!({
+            "source": source.name, "file": request.file_name, "lines": report.lines, "stored": report.stored,
+            "duplicates": report.duplicates, "conflicts": report.conflicts, "invalid": report.invalid.len(),
+        });
+        sqlx::query!(
+            "UPDATE inbox_actions SET filter = $2 WHERE id = $1",
+            action_id,
+            counts
+        )
+        .execute(pool)
+        .await?;
+    }
+    Ok(report)
+}
+
+fn parse<'a>(source: &Source, payload: &'a [u8]) -> Result<(String, EventFields<'a>), String> {
+    let no_headers: &[(&str, &str)] = &[];
+    let sha = sha256_hex(payload);
+    let fields = EventFields::extract(
+        &source.event_key,
+        source.event_type.as_ref(),
+        payload,
+        &sha,
+        no_headers,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((sha, fields))
+}
+
+async fn import_batch(
+    pool: &PgPool,
+    source: &Source,
+    action_id: i64,
+    batch: &[(u64, Vec<u8>)],
+    report: &mut ImportReport,
+) -> Result<(), ImportError> {
+    let mut transaction = pool.begin().await?;
+    let mut stored = 0i64;
+    for (number, payload) in batch {
+        let (sha, fields) = match parse(source, payload) {
+            Ok(parsed) => parsed,
+            Err(why) => {
+                report.invalid.push((*number, why));
+                continue;
+            }
+        };
+        let delivery = NewDelivery {
+            source: &source.name,
+            environment: &source.environment,
+            event_key: &fields.event_key,
+            event_type: fields.event_type.as_deref(),
+            payload,
+            payload_json: fields.json_text,
+            headers: serde_json::json!({}),
+            payload_sha256: &sha,
+            remote_addr: None,
+            new_outcome: "imported",
+        };
+        let (outcome, event_id) =
+            store::ingest(&mut transaction, &delivery)
+                .await
+                .map_err(|e| match e {
+                    store::StoreError::Database(e) => ImportError::Database(e),
+                    store::StoreError::Vanished => ImportError::Database(sqlx::Error::RowNotFound),
+                })?;
+        match outcome {
+            IngestOutcome::Stored => {
+                stored += 1;
+                report.stored += 1;
+                sqlx::query!(
+                    "INSERT INTO inbox_action_events (action_id, event_id) VALUES ($1, $2)",
+                    action_id,
+                    event_id
+                )
+                .execute(&mut *transaction)
+                .await?;
+            }
+            IngestOutcome::Duplicate => report.duplicates += 1,
+            IngestOutcome::Conflict => report.conflicts += 1,
+        }
+    }
+    add_affected(&mut transaction, action_id, stored).await?;
+    transaction.commit().await?;
+    Ok(())
+}
+
+async fn check_batch(
+    pool: &PgPool,
+    source: &Source,
+    batch: &[(u64, Vec<u8>)],
+    seen: &mut HashSet<String>,
+    report: &mut ImportReport,
+) -> Result<(), ImportError> {
+    for (number, payload) in batch {
+        let (sha, fields) = match parse(source, payload) {
+            Ok(parsed) => parsed,
+            Err(why) => {
+                report.invalid.push((*number, why));
+                continue;
+            }
+        };
+        let stored = sqlx::query_scalar!(
+            "SELECT payload_sha256 FROM inbox_events WHERE source = $1 AND event_key = $2",
+            source.name,
+            fields.event_key
+        )
+        .fetch_optional(pool)
+        .await?;
+        match stored {
+            Some(stored_sha) if stored_sha == sha => report.duplicates += 1,
+            Some(_) => report.conflicts += 1,
+            None if !seen.insert(fields.event_key) => report.duplicates += 1,
+            None => report.stored += 1,
+        }
+    }
+    Ok(())
+}

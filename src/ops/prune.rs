@@ -1,0 +1,191 @@
+//! `hookbox prune`: drop old payloads but keep every key (late duplicates are
+//! still recognised), and delete old audit rows, in bounded batches.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::{add_affected, record_action};
+
+#[derive(Clone, Debug)]
+pub struct PruneRequest {
+    /// Drop `payload`, `payload_json` and `headers` of events finished before this.
+    pub payloads_older_than: Option<Duration>,
+    /// Dead events keep their payload unless asked: a replay needs it.
+    pub include_dead: bool,
+    pub deliveries_older_than: Option<Duration>,
+    pub attempts_older_than: Option<Duration>,
+    pub dry_run: bool,
+    pub actor: String,
+    pub reason: Option<String>,
+    pub batch_size: i64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PruneReport {
+    pub action_id: Option<i64>,
+    pub payloads: i64,
+    pub deliveries: i64,
+    pub attempts: i64,
+}
+
+fn cutoff(age: Duration) -> DateTime<Utc> {
+    Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX)
+}
+
+pub async fn prune(
+    pool: &PgPool,
+    request: &PruneRequest,
+    progress: impl Fn(u64),
+) -> Result<PruneReport, sqlx::Error> {
+    let statuses: Vec<String> = ["succeeded", "skipped"]
+        .into_iter()
+        .chain(request.include_dead.then_some("dead"))
+        .map(String::from)
+        .collect();
+    let payload_cutoff = request.payloads_older_than.map(cutoff);
+    let delivery_cutoff = request.deliveries_older_than.map(cutoff);
+    let attempt_cutoff = request.attempts_older_than.map(cutoff);
+    let mut report = PruneReport::default();
+
+    if request.dry_run {
+        if let Some(before) = payload_cutoff {
+            report.payloads = sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM inbox_events WHERE status = ANY($1) AND processed_at < $2 AND payload IS NOT NULL"#,
+                &statuses,
+                before
+            )
+            .fetch_one(pool)
+            .await?;
+        }
+        if let Some(before) = delivery_cutoff {
+            report.deliveries = sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM inbox_deliveries WHERE received_at < $1"#,
+                before
+            )
+            .fetch_one(pool)
+            .await?;
+        }
+        if let Some(before) = attempt_cutoff {
+            report.attempts = sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM inbox_attempts WHERE started_at < $1 AND finished_at IS NOT NULL"#,
+                before
+            )
+            .fetch_one(pool)
+            .await?;
+        }
+        return Ok(report);
+    }
+
+    let recorded = serde_json::json!({
+        "payloads_older_than": request.payloads_older_than.map(|d| humantime::format_duration(d).to_string()),
+        "include_dead": request.include_dead,
+        "deliveries_older_than": request.deliveries_older_than.map(|d| humantime::format_duration(d).to_string()),
+        "attempts_older_than": request.attempts_older_than.map(|d| humantime::format_duration(d).to_string()),
+    });
+    let action_id = {
+        let mut conn = pool.acquire().await?;
+        record_action(
+            &mut conn,
+            &request.actor,
+            "prune",
+            &recorded,
+            request.reason.as_deref(),
+        )
+        .await?
+    };
+    report.action_id = Some(action_id);
+
+    let targets = [
+        payload_cutoff.map(Target::Payloads),
+        delivery_cutoff.map(Target::Deliveries),
+        attempt_cutoff.map(Target::Attempts),
+    ];
+    for target in targets.into_iter().flatten() {
+        loop {
+            let mut transaction = pool.begin().await?;
+            let n = target
+                .prune_batch(&mut transaction, &statuses, request.batch_size)
+                .await?;
+            add_affected(&mut transaction, action_id, n).await?;
+            transaction.commit().await?;
+            *target.counter(&mut report) += n;
+            progress(n as u64);
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What one prune pass removes, older than its cutoff.
+#[derive(Clone, Copy)]
+enum Target {
+    Payloads(DateTime<Utc>),
+    Deliveries(DateTime<Utc>),
+    Attempts(DateTime<Utc>),
+}
+
+impl Target {
+    fn counter(self, report: &mut PruneReport) -> &mut i64 {
+        match self {
+            Self::Payloads(_) => &mut report.payloads,
+            Self::Deliveries(_) => &mut report.deliveries,
+            Self::Attempts(_) => &mut report.attempts,
+        }
+    }
+
+    /// One bounded batch; returns how many rows it changed.
+    async fn prune_batch(
+        self,
+        conn: &mut sqlx::PgConnection,
+        statuses: &[String],
+        batch: i64,
+    ) -> Result<i64, sqlx::Error> {
+        let result = match self {
+            Self::Payloads(before) => {
+                sqlx::query!(
+                    r#"
+                    WITH batch AS (
+                        SELECT id FROM inbox_events
+                        WHERE status = ANY($1) AND processed_at < $2 AND payload IS NOT NULL
+                        LIMIT $3
+                        FOR UPDATE SKIP LOCKED
+                    )
+                    UPDATE inbox_events e SET payload = NULL, payload_json = NULL, headers = NULL
+                    FROM batch WHERE e.id = batch.id
+                    "#,
+                    statuses,
+                    before,
+                    batch
+                )
+                .execute(conn)
+                .await?
+            }
+            Self::Deliveries(before) => {
+                sqlx::query!(
+                    "DELETE FROM inbox_deliveries WHERE id IN (
+                         SELECT id FROM inbox_deliveries WHERE received_at < $1 ORDER BY id LIMIT $2)",
+                    before,
+                    batch
+                )
+                .execute(conn)
+                .await?
+            }
+            Self::Attempts(before) => {
+                sqlx::query!(
+                    "DELETE FROM inbox_attempts WHERE id IN (
+                         SELECT id FROM inbox_attempts WHERE started_at < $1 AND finished_at IS NOT NULL ORDER BY id LIMIT $2)",
+                    before,
+                    batch
+                )
+                .execute(conn)
+                .await?
+            }
+        };
+        Ok(result.rows_affected() as i64)
+    }
+}
