@@ -7,17 +7,12 @@
 //! the database's clock.
 //!
 //! `cargo run --release --example notify_latency [EVENTS]`
-//! Uses DATABASE_URL's server if set, else a private cluster (fsync on).
+//! Uses DATABASE_URL's server if set (in a new database), else a private
+//! cluster (fsync on).
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
-use hookbox::{
-    config::Config,
-    db,
-    pgcluster::{Cluster, ClusterOptions},
-    receiver, worker,
-};
-use sqlx::Connection;
+use hookbox::{config::Config, db, pgcluster::Server, receiver, worker};
 use tokio_util::sync::CancellationToken;
 
 const KEY: &str = "bench-key";
@@ -29,28 +24,8 @@ async fn main() -> anyhow::Result<()> {
         .map(|n| n.parse())
         .transpose()?
         .unwrap_or(500);
-    let dir = tempfile::tempdir()?;
-    let (server_url, _cluster) = match std::env::var("DATABASE_URL").ok() {
-        Some(url) => (url, None),
-        None => {
-            let options = ClusterOptions {
-                durable: true,
-                remove_on_exit: true,
-                port: None,
-            };
-            let cluster = Cluster::start(&dir.path().join("pg"), &options)?;
-            (cluster.url("postgres"), Some(cluster))
-        }
-    };
-    let name = format!("hookbox_bench_{}", uuid::Uuid::now_v7().simple());
-    let mut admin = sqlx::PgConnection::connect(&server_url).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    let mut url = reqwest::Url::parse(&server_url)?;
-    url.set_path(&name);
-    let url = url.to_string();
-    db::migrate(&url).await?;
+    let server = Server::from_env_or_private(true)?;
+    let url = server.create_database("hookbox_bench").await?;
 
     let text = r#"
 [receiver]
@@ -119,7 +94,7 @@ statement = "SELECT $3"
     let (p50, p90, p99, max): (f64, f64, f64, f64) = sqlx::query_as(
         "SELECT q[1], q[2], q[3], m FROM (
             SELECT percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY ms) AS q, max(ms) AS m
-            FROM (SELECT extract(epoch FROM a.started_at - e.received_at) * 1000 AS ms
+            FROM (SELECT extract(epoch FROM a.started_at - e.received_at)::float8 * 1000 AS ms
                   FROM inbox_events e JOIN inbox_attempts a ON a.event_id = e.id AND a.attempt = 1) gaps) s",
     )
     .fetch_one(&pool)
@@ -131,8 +106,6 @@ statement = "SELECT $3"
     shutdown.cancel();
     running.await??;
     pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
+    server.drop_database(&url).await?;
     Ok(())
 }

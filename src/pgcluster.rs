@@ -258,3 +258,67 @@ fn wait_for_port(port: u16, limit: Duration) -> anyhow::Result<()> {
     }
     bail!("PostgreSQL did not start listening on port {port}")
 }
+
+/// A PostgreSQL server for tests and benchmarks: the one `$DATABASE_URL`
+/// names, or else a private throwaway cluster.
+pub enum Server {
+    External(String),
+    Private(Cluster),
+}
+
+impl Server {
+    pub fn from_env_or_private(durable: bool) -> anyhow::Result<Self> {
+        match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+            Some(url) => Ok(Self::External(url)),
+            None => {
+                let dir = std::env::temp_dir()
+                    .join(format!("hookbox-pg-{}", uuid::Uuid::now_v7().simple()));
+                let options = ClusterOptions {
+                    durable,
+                    remove_on_exit: true,
+                    port: None,
+                };
+                Ok(Self::Private(Cluster::start(&dir, &options)?))
+            }
+        }
+    }
+
+    /// The URL of `database` on this server.
+    pub fn url(&self, database: &str) -> anyhow::Result<String> {
+        match self {
+            Self::External(url) => {
+                let mut url = reqwest::Url::parse(url).context("DATABASE_URL is not a URL")?;
+                url.set_path(database);
+                Ok(url.to_string())
+            }
+            Self::Private(cluster) => Ok(cluster.url(database)),
+        }
+    }
+
+    /// A new database named `{prefix}_{unique}`, migrated; returns its URL.
+    pub async fn create_database(&self, prefix: &str) -> anyhow::Result<String> {
+        use sqlx::Connection;
+        let name = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
+        let mut admin = sqlx::PgConnection::connect(&self.url("postgres")?).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        let url = self.url(&name)?;
+        crate::db::migrate(&url).await?;
+        Ok(url)
+    }
+
+    /// Drops a database `create_database` made (connections are closed first).
+    pub async fn drop_database(&self, url: &str) -> anyhow::Result<()> {
+        use sqlx::Connection;
+        let name = reqwest::Url::parse(url)?
+            .path()
+            .trim_start_matches('/')
+            .to_owned();
+        let mut admin = sqlx::PgConnection::connect(&self.url("postgres")?).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut admin)
+            .await?;
+        Ok(())
+    }
+}

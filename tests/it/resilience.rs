@@ -119,8 +119,13 @@ async fn migrating_twice_and_from_several_processes_at_once_is_safe() {
         .into_iter()
         .map(|r| r.unwrap().applied.len())
         .sum();
-    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap().count();
-    assert_eq!(applied, migrations, "each migration applied exactly once, by one process");
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        applied, migrations,
+        "each migration applied exactly once, by one process"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,49 +11,16 @@ use std::{
 use hookbox::{
     config::Config,
     db,
-    pgcluster::{Cluster, ClusterOptions},
+    pgcluster::Server,
     receiver::{self, Application},
 };
-use sqlx::{Connection, PgPool};
-
-enum Server {
-    External(String),
-    Private(Cluster),
-}
+use sqlx::PgPool;
 
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(
-        || match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
-            Some(url) => Server::External(url),
-            None => {
-                let dir = tempfile::Builder::new()
-                    .prefix("hookbox-test-pg-")
-                    .tempdir()
-                    .unwrap()
-                    .keep();
-                let options = ClusterOptions {
-                    durable: false,
-                    remove_on_exit: true,
-                    port: None,
-                };
-                Server::Private(
-                    Cluster::start(&dir, &options).expect("a private PostgreSQL cluster"),
-                )
-            }
-        },
-    )
-}
-
-fn server_url(database: &str) -> String {
-    match server() {
-        Server::External(url) => {
-            let mut url = reqwest::Url::parse(url).expect("DATABASE_URL is a URL");
-            url.set_path(database);
-            url.to_string()
-        }
-        Server::Private(cluster) => cluster.url(database),
-    }
+    SERVER.get_or_init(|| {
+        Server::from_env_or_private(false).expect("a PostgreSQL server for the tests")
+    })
 }
 
 /// A migrated database of its own, so tests run in parallel.
@@ -64,19 +31,11 @@ pub struct TestDb {
 
 pub async fn database() -> TestDb {
     init_logs();
-    let name = format!("hookbox_test_{}", uuid::Uuid::now_v7().simple());
-    let maintenance = tokio::task::spawn_blocking(|| server_url("postgres"))
+    let server = tokio::task::spawn_blocking(server).await.unwrap();
+    let url = server
+        .create_database("hookbox_test")
         .await
-        .unwrap();
-    let mut connection = sqlx::PgConnection::connect(&maintenance)
-        .await
-        .expect("connect to the test server");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut connection)
-        .await
-        .unwrap();
-    let url = server_url(&name);
-    db::migrate(&url).await.expect("migrations apply");
+        .expect("a test database");
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .connect(&url)
