@@ -78,3 +78,13 @@ pub fn serve_metrics(address: &str) -> anyhow::Result<u16> {
     tokio::spawn(server);
     Ok(port)
 }
+
+/// Database pool usage, as gauges labelled by process.
+pub fn record_pool(process: &'static str, pool: &sqlx::PgPool) {
+    let size = f64::from(pool.size());
+    let idle = pool.num_idle() as f64;
+    metrics::gauge!("hookbox_db_pool_connections", "process" => process, "state" => "idle")
+        .set(idle);
+    metrics::gauge!("hookbox_db_pool_connections", "process" => process, "state" => "in_use")
+        .set(size - idle);
+}

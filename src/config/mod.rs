@@ -253,7 +253,18 @@ impl Checker<'_> {
         Ok(())
     }
 
+    fn check_admin_listen(&self, key: &str, address: &str) -> Result<(), ConfigError> {
+        if !address.is_empty() && address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(self.error(
+                key,
+                "must be an address like 127.0.0.1:9090, or \"\" for none",
+            ));
+        }
+        Ok(())
+    }
+
     fn check_worker(&self, worker: &WorkerSection) -> Result<(), ConfigError> {
+        self.check_admin_listen("worker.admin_listen", &worker.admin_listen)?;
         let retry = &worker.retry;
         let checks = [
             (

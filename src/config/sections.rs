@@ -91,6 +91,8 @@ fn default_tls_version() -> String {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSection {
+    /// `/metrics`; never a public address. Empty string disables it.
+    pub admin_listen: String,
     pub concurrency: usize,
     pub lease: HumanDuration,
     pub poll_interval: HumanDuration,
@@ -101,6 +103,7 @@ pub struct WorkerSection {
 impl Default for WorkerSection {
     fn default() -> Self {
         Self {
+            admin_listen: "127.0.0.1:9091".into(),
             concurrency: 16,
             lease: HumanDuration::from_secs(300),
             poll_interval: HumanDuration::from_secs(1),

@@ -60,6 +60,9 @@ pub async fn receive(
     match accept(&request, body, &state, &source, client).await {
         Ok(response) => Ok(response),
         Err(refusal) => {
+            let (outcome, reason) = refusal.error.outcome_and_reason();
+            metrics::counter!("hookbox_deliveries_total", "source" => source.source.name.clone(), "outcome" => outcome).increment(1);
+            metrics::counter!("hookbox_rejections_total", "source" => source.source.name.clone(), "reason" => reason).increment(1);
             if let Some((outcome, reason)) = refusal.error.audit() {
                 let row = store::Rejection {
                     source: &source.source.name,
@@ -174,6 +177,7 @@ async fn accept(
     metrics::histogram!("hookbox_ingest_seconds", "source" => source.name.clone())
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("hookbox_deliveries_total", "source" => source.name.clone(), "outcome" => outcome.as_str()).increment(1);
+    crate::telemetry::record_pool("receiver", &state.pool);
     match outcome {
         store::IngestOutcome::Conflict => tracing::warn!(
             source = %source.name, %event_id,

@@ -33,15 +33,32 @@ pub enum DeliveryError {
 }
 
 impl DeliveryError {
-    /// The audit row a refused delivery leaves: `(outcome, reason)`. Rate-limited
-    /// and unknown-source requests leave none (they would let a flood write rows).
+    /// `(outcome, reason)` for the audit row and the metrics.
+    pub fn outcome_and_reason(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::UnknownSource => ("unknown_source", "unknown_source"),
+            Self::AddressNotAllowed => ("rejected_ip", "address_not_allowed"),
+            Self::RateLimited { .. } => ("rate_limited", "rate_limited"),
+            Self::TooLarge => ("too_large", "body_too_large"),
+            Self::Signature(rejection) => ("rejected_signature", rejection.reason()),
+            Self::WrongEnvironment => ("rejected_signature", "wrong_environment"),
+            Self::Payload(error) => ("rejected_payload", error.reason()),
+            Self::BodyTimeout => ("timed_out", "body_timeout"),
+            Self::BodyUnreadable => ("rejected_payload", "body_unreadable"),
+            Self::Unavailable(_) => ("unavailable", "database_unavailable"),
+        }
+    }
+
+    /// The audit row a refused delivery leaves. Rate-limited, timed-out and
+    /// unknown-source requests leave none (they would let a flood write rows),
+    /// nor does an unavailable database (it cannot take one).
     pub fn audit(&self) -> Option<(&'static str, &'static str)> {
         match self {
-            Self::AddressNotAllowed => Some(("rejected_ip", "address_not_allowed")),
-            Self::TooLarge => Some(("too_large", "body_too_large")),
-            Self::Signature(rejection) => Some(("rejected_signature", rejection.reason())),
-            Self::WrongEnvironment => Some(("rejected_signature", "wrong_environment")),
-            Self::Payload(error) => Some(("rejected_payload", error.reason())),
+            Self::AddressNotAllowed
+            | Self::TooLarge
+            | Self::Signature(_)
+            | Self::WrongEnvironment
+            | Self::Payload(_) => Some(self.outcome_and_reason()),
             _ => None,
         }
     }

@@ -67,6 +67,8 @@ pub struct Worker {
     poll_interval: Duration,
     concurrency: usize,
     grace: Duration,
+    /// The configured sources, so their gauges read 0 once drained.
+    sources: Vec<String>,
 }
 
 pub fn pool_settings(config: &Config) -> PoolSettings {
@@ -114,6 +116,7 @@ impl Worker {
             poll_interval: config.worker.poll_interval.0,
             concurrency: config.worker.concurrency,
             grace: config.worker.shutdown_grace.0,
+            sources: config.sources.iter().map(|s| s.name.clone()).collect(),
         })
     }
 
@@ -143,6 +146,7 @@ impl Worker {
             .route(&event.source, event.event_type.as_deref());
         let runner = handler_name.and_then(|name| self.handlers.get(name));
 
+        let started = std::time::Instant::now();
         // External effects happen outside any transaction (and hold no connection).
         let external = match runner {
             Some(Runner::External(handler)) if !claimed.payload_missing => {
@@ -174,6 +178,10 @@ impl Worker {
             }
         };
 
+        if let Some(name) = handler_name {
+            metrics::histogram!("hookbox_handler_seconds", "handler" => name.to_owned())
+                .record(started.elapsed().as_secs_f64());
+        }
         let (finish, outcome) = self.decide(event, handler_name, result);
         queue::finish(&mut transaction, event.id, claimed.attempt_id, &finish).await?;
         transaction.commit().await?;
@@ -191,6 +199,31 @@ impl Worker {
         metrics::counter!("hookbox_attempts_total", "handler" => handler_name.unwrap_or("").to_owned(), "outcome" => finish.attempt_outcome)
             .increment(1);
         Ok(outcome)
+    }
+
+    /// Queue depth, the oldest due event's age and pool usage, as gauges.
+    async fn record_gauges(&self) {
+        crate::telemetry::record_pool("worker", &self.pool);
+        let Ok((counts, oldest)) = queue::depth(&self.pool).await else {
+            return;
+        };
+        // Every status of every source with open events, zeros included, so a
+        // drained queue reads 0 rather than its last value.
+        let sources: std::collections::BTreeSet<&str> = counts
+            .iter()
+            .map(|(source, _, _)| source.as_str())
+            .chain(self.sources.iter().map(String::as_str))
+            .collect();
+        for source in sources {
+            for status in ["pending", "processing", "retrying", "dead"] {
+                let n = counts
+                    .iter()
+                    .find(|(s, st, _)| s == source && st == status)
+                    .map_or(0, |(_, _, n)| *n);
+                metrics::gauge!("hookbox_events", "source" => source.to_owned(), "status" => status).set(n as f64);
+            }
+        }
+        metrics::gauge!("hookbox_oldest_due_seconds").set(oldest.unwrap_or(0.0));
     }
 
     /// The retry decision: data in, outcome out.
@@ -269,11 +302,15 @@ impl Worker {
             if tokio::time::Instant::now() >= next_rescue {
                 match worker.rescue_expired_leases().await {
                     Ok(0) => {}
-                    Ok(n) => tracing::warn!(rescued = n, "expired leases rescued"),
+                    Ok(n) => {
+                        metrics::counter!("hookbox_lease_rescues_total").increment(n);
+                        tracing::warn!(rescued = n, "expired leases rescued");
+                    }
                     Err(error) => {
                         tracing::warn!(error = format!("{error:#}"), "lease rescue failed")
                     }
                 }
+                worker.record_gauges().await;
                 next_rescue = tokio::time::Instant::now() + rescue_every;
             }
             let free = worker.concurrency - tasks.len();
@@ -282,6 +319,10 @@ impl Worker {
                 match queue::claim(&worker.pool, &worker.id, free as i64, worker.lease).await {
                     Ok(claimed) => {
                         more_may_be_due = claimed.len() == free;
+                        if !claimed.is_empty() {
+                            metrics::histogram!("hookbox_claim_batch_size")
+                                .record(claimed.len() as f64);
+                        }
                         for item in claimed {
                             let worker = worker.clone();
                             tasks.spawn(async move { worker.process(item).await });
@@ -433,6 +474,10 @@ pub fn main() -> ExitCode {
         let config = cli.common.load_config()?;
         let pool = db::pool(&config.database_url()?, &pool_settings(&config))?;
         let worker = Worker::from_config(&config, pool, LibraryHandlers::default())?;
+        if !config.worker.admin_listen.is_empty() {
+            let port = crate::telemetry::serve_metrics(&config.worker.admin_listen)?;
+            tracing::info!(admin_port = port, "metrics served");
+        }
         let shutdown = CancellationToken::new();
         tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
         worker.run(shutdown).await

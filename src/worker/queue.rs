@@ -201,3 +201,33 @@ pub async fn release(pool: &PgPool, worker_id: &str) -> Result<u64, sqlx::Error>
     .await?;
     Ok(result.rows_affected())
 }
+
+/// Events not yet finished, by source and status, and how long the oldest due
+/// event has waited (seconds), for the gauges.
+pub async fn depth(
+    pool: &PgPool,
+) -> Result<(Vec<(String, String, i64)>, Option<f64>), sqlx::Error> {
+    let counts = sqlx::query!(
+        r#"
+        SELECT source, status, count(*) AS "count!"
+        FROM inbox_events
+        WHERE status IN ('pending', 'processing', 'retrying', 'dead')
+        GROUP BY source, status
+        "#
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|row| (row.source, row.status, row.count))
+    .collect();
+    let oldest = sqlx::query_scalar!(
+        r#"
+        SELECT extract(epoch FROM now() - min(next_attempt_at))::float8
+        FROM inbox_events
+        WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
+        "#
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((counts, oldest))
+}

@@ -168,3 +168,54 @@ fn dev_runs_a_whole_inbox_that_accepts_send_and_stops_cleanly_on_ctrl_c() {
     let pid_file = dir.path().join("postgres/postmaster.pid");
     assert!(!pid_file.exists(), "the private cluster was stopped");
 }
+
+#[test]
+fn the_configuration_reference_example_is_accepted_and_names_every_documented_key() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
+    let example = doc
+        .split("```toml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("partner");
+    std::fs::write(&secret, "partner-secret\n").unwrap();
+    let audit_secret = dir.path().join("audit-whsec");
+    std::fs::write(&audit_secret, "whsec_YXVkaXQ=").unwrap();
+    let path = dir.path().join("hookbox.toml");
+    let example_here = example
+        .replace("/run/secrets/partner", secret.to_str().unwrap())
+        .replace("/run/secrets/audit-whsec", audit_secret.to_str().unwrap());
+    std::fs::write(&path, example_here).unwrap();
+    let output = hookbox()
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .env("BEGINI_API_KEY", "current")
+        .env("BEGINI_API_KEY_PREVIOUS", "previous")
+        .env("DOWNSTREAM_WHSEC", "whsec_ZG93bnN0cmVhbQ==")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let documented: Vec<&str> = doc
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split('`').next())
+        .collect();
+    assert!(documented.len() > 40, "{documented:?}");
+    for key in documented {
+        assert!(
+            example.contains(&format!("{key} =")) || example.contains(&format!("{key} = {{")),
+            "the example sets {key}"
+        );
+    }
+}
