@@ -615,7 +615,7 @@ async fn importing_1000_events_of_which_300_are_stored_adds_exactly_700() {
         .map(|_| begini_payload(&unique_uid(), "application.complete"))
         .collect();
     let statuses: Vec<u16> = futures_util::stream::iter(bodies.iter().take(300))
-        .map(|body| app.post_signed("begini", body))
+        .map(|body| app.deliver_as_sender("begini", body))
         .buffer_unordered(16)
         .map(|answer| answer.status)
         .collect()

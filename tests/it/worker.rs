@@ -570,7 +570,7 @@ async fn exactly_once_holds_while_workers_are_killed_at_random() {
         .await
         .unwrap();
     let worker_text = format!(
-        "{BEGINI_CONFIG}\n[worker]\nconcurrency = 8\nlease = \"2s\"\npoll_interval = \"200ms\"\nshutdown_grace = \"5s\"\n\
+        "{BEGINI_CONFIG}\n[worker]\nadmin_listen = \"\"\nconcurrency = 8\nlease = \"2s\"\npoll_interval = \"200ms\"\nshutdown_grace = \"5s\"\n\
          retry = {{ max_attempts = 100, initial = \"100ms\", max = \"1s\", multiplier = 2.0, jitter = 0.2 }}\n\
          {ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
          statement = \"INSERT INTO side_effects (event_id, attempt) SELECT $3, $6 FROM pg_sleep(0.05)\"\n"
@@ -582,7 +582,7 @@ async fn exactly_once_holds_while_workers_are_killed_at_random() {
         .collect();
     let deliveries = bodies.iter().chain(bodies.iter().take(EVENTS / 5));
     let statuses: Vec<u16> = futures_util::stream::iter(deliveries)
-        .map(|body| app.post_signed("begini", body))
+        .map(|body| app.deliver_as_sender("begini", body))
         .buffer_unordered(32)
         .map(|answer| answer.status)
         .collect()
@@ -715,7 +715,7 @@ async fn sigterm_stops_claiming_lets_work_finish_and_exits_zero() {
         .await;
     }
     let text = format!(
-        "{BEGINI_CONFIG}\n[worker]\nconcurrency = 4\nlease = \"30s\"\npoll_interval = \"200ms\"\nshutdown_grace = \"10s\"\n\
+        "{BEGINI_CONFIG}\n[worker]\nadmin_listen = \"\"\nconcurrency = 4\nlease = \"30s\"\npoll_interval = \"200ms\"\nshutdown_grace = \"10s\"\n\
          {ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id) SELECT $3 FROM pg_sleep(0.3)\"\n"
     );
     let url = app.db.url.clone();
