@@ -1,6 +1,7 @@
 //! hookbox's integration tests: one binary, a real PostgreSQL.
 
 mod cli;
+mod faults;
 mod observability;
 mod operations;
 mod providers;

@@ -241,3 +241,32 @@ fn init_logs() {
         .json()
         .try_init();
 }
+
+/// Starts `hookbox-receiver` or `hookbox-worker` as its own process.
+pub fn spawn_service(binary: &str, config: &Path, database_url: &str) -> std::process::Child {
+    let program = match binary {
+        "hookbox-receiver" => env!("CARGO_BIN_EXE_hookbox-receiver"),
+        "hookbox-worker" => env!("CARGO_BIN_EXE_hookbox-worker"),
+        other => panic!("no binary {other}"),
+    };
+    std::process::Command::new(program)
+        .arg("--config")
+        .arg(config)
+        .env("DATABASE_URL", database_url)
+        .env("BEGINI_API_KEY", BEGINI_KEY)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{binary} starts: {e}"))
+}
+
+/// A free port on 127.0.0.1 for a process that must keep it across restarts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

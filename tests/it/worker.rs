@@ -1,7 +1,7 @@
 //! The worker: exactly-once effects, retries, dead events, leases, handlers.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::Child,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -510,17 +510,7 @@ impl WorkerProcesses {
     }
 
     fn spawn(&self) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_hookbox-worker"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("DATABASE_URL", &self.url)
-            .env("BEGINI_API_KEY", BEGINI_KEY)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("hookbox-worker starts")
+        spawn_service("hookbox-worker", &self.config_path, &self.url)
     }
 
     fn terminate_all(&mut self) -> Vec<Option<i32>> {
