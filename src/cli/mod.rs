@@ -1,6 +1,7 @@
 //! The `hookbox` operator command.
 
 mod dev;
+mod loadtest;
 mod operate;
 mod output;
 mod send;
@@ -69,6 +70,8 @@ pub enum Command {
     Prune(operate::PruneArgs),
     /// Feed events obtained out of band (JSON Lines) into the inbox.
     Import(operate::ImportArgs),
+    /// Signed, realistic load against a deployment, with latency percentiles.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,5 +126,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => operate::replay(&cli.common, args).await,
         Command::Prune(args) => operate::prune(&cli.common, args).await,
         Command::Import(args) => operate::import(&cli.common, args).await,
+        Command::Loadtest(args) => loadtest::run(&cli.common, args).await,
     }
 }

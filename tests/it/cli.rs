@@ -219,3 +219,69 @@ fn the_configuration_reference_example_is_accepted_and_names_every_documented_ke
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_sends_signed_events_with_duplicates_and_reports_what_it_saw() {
+    let config = BEGINI_CONFIG.replace("max_body_bytes = 4096", "max_body_bytes = 65536");
+    let app = TestApp::spawn(&config, &[("BEGINI_API_KEY", BEGINI_KEY)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hookbox.toml");
+    std::fs::write(&path, &config).unwrap();
+    let url = format!("{}/webhooks/begini", app.address);
+    let output = tokio::task::spawn_blocking(move || {
+        hookbox()
+            .args([
+                "loadtest",
+                "--source",
+                "begini",
+                "--url",
+                &url,
+                "--connections",
+                "4",
+                "--duration",
+                "2s",
+            ])
+            .args(["--rate", "200", "--duplicates", "0.3", "--json", "--config"])
+            .arg(&path)
+            .env("BEGINI_API_KEY", BEGINI_KEY)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let requests = report["requests"].as_i64().unwrap();
+    assert!(requests > 50, "{report}");
+    assert_eq!(
+        report["statuses"]["200"].as_i64(),
+        Some(requests),
+        "every signed event accepted: {report}"
+    );
+    assert!(
+        report["latency_ms"]["p99"].as_f64().unwrap()
+            <= report["latency_ms"]["max"].as_f64().unwrap()
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox_deliveries").await,
+        requests
+    );
+    let duplicates = app
+        .count("SELECT count(*) FROM inbox_deliveries WHERE outcome = 'duplicate'")
+        .await;
+    assert!(
+        duplicates > 0 && duplicates < requests / 2,
+        "about 30% duplicates: {duplicates} of {requests}"
+    );
+    let size: i64 = app
+        .count("SELECT max(octet_length(payload))::int8 FROM inbox_events")
+        .await;
+    assert!(
+        (700..1500).contains(&size),
+        "realistic events of about 1 KB: {size}"
+    );
+}
