@@ -22,19 +22,43 @@ use hookbox::pgcluster::{Cluster, ClusterOptions, StopMode};
 const KEY: &str = "soak-key";
 
 fn main() -> anyhow::Result<()> {
-    let minutes: u64 = std::env::args().nth(1).map(|m| m.parse()).transpose()?.unwrap_or(30);
-    let out = PathBuf::from(std::env::args().nth(2).unwrap_or_else(|| "docs/soak".into()));
+    let minutes: u64 = std::env::args()
+        .nth(1)
+        .map(|m| m.parse())
+        .transpose()?
+        .unwrap_or(30);
+    let out = PathBuf::from(
+        std::env::args()
+            .nth(2)
+            .unwrap_or_else(|| "docs/soak".into()),
+    );
     std::fs::create_dir_all(&out)?;
-    let bin = std::env::current_exe()?.parent().and_then(Path::parent).context("target dir")?.to_owned();
+    let bin = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .context("target dir")?
+        .to_owned();
     let runtime = tokio::runtime::Runtime::new()?;
 
     let data = std::env::temp_dir().join(format!("hookbox-soak-{}", std::process::id()));
-    let cluster = Cluster::start(&data, &ClusterOptions { durable: true, remove_on_exit: true, port: None })?;
+    let cluster = Cluster::start(
+        &data,
+        &ClusterOptions {
+            durable: true,
+            remove_on_exit: true,
+            port: None,
+        },
+    )?;
     let url = cluster.url("postgres");
     let pool = runtime.block_on(async {
         hookbox::db::migrate(&url).await?;
-        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await?;
-        sqlx::query("CREATE TABLE side_effects (event_id uuid NOT NULL)").execute(&pool).await?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await?;
+        sqlx::query("CREATE TABLE side_effects (event_id uuid NOT NULL)")
+            .execute(&pool)
+            .await?;
         sqlx::query(
             "CREATE FUNCTION soak_handle(event uuid) RETURNS void LANGUAGE plpgsql AS $$
              BEGIN
@@ -47,7 +71,9 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(pool)
     })?;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let config = out.join("soak.toml");
     std::fs::write(
         &config,
@@ -77,8 +103,20 @@ fn main() -> anyhow::Result<()> {
     let mut worker = spawn("hookbox-worker", &[])?;
     std::thread::sleep(Duration::from_secs(1));
     let load_args: Vec<String> = [
-        "loadtest", "--source", "begini", "--url", &format!("http://127.0.0.1:{port}/webhooks/begini"),
-        "--connections", "16", "--rate", "150", "--duplicates", "0.2", "--duration", &format!("{minutes}m"), "--json",
+        "loadtest",
+        "--source",
+        "begini",
+        "--url",
+        &format!("http://127.0.0.1:{port}/webhooks/begini"),
+        "--connections",
+        "16",
+        "--rate",
+        "150",
+        "--duplicates",
+        "0.2",
+        "--duration",
+        &format!("{minutes}m"),
+        "--json",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -179,7 +217,10 @@ fn main() -> anyhow::Result<()> {
         "duplicates": duplicates, "side_effects": effects, "distinct_side_effects": distinct,
         "exactly_once": effects == distinct && distinct == succeeded,
     });
-    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&text)?)?;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&text)?,
+    )?;
     println!("{text}");
     drop(cluster);
     Ok(())
@@ -194,7 +235,14 @@ fn terminate(child: &mut Child) {
 fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
         .map_or(0.0, |kib| kib / 1024.0)
 }
 

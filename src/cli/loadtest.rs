@@ -7,7 +7,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -77,16 +76,7 @@ pub async fn run(common: &CommonArgs, args: LoadtestArgs) -> anyhow::Result<Exit
     );
     anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
     let config = common.load_config()?;
-    let source = config
-        .source(&args.source)
-        .with_context(|| {
-            format!(
-                "no [[source]] named \"{}\" in {}",
-                args.source,
-                config.path.display()
-            )
-        })?
-        .clone();
+    let source = config.require_source(&args.source)?.clone();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(args.timeout))
         .pool_max_idle_per_host(args.connections)

@@ -55,6 +55,26 @@ impl FilterArgs {
     }
 }
 
+/// What every changing command records, and its dry run.
+#[derive(Args, Debug, Clone)]
+pub struct ActionArgs {
+    /// Why: recorded with the action (required by replay).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Who: recorded with the action (default: the OS user).
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Print what would change; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl ActionArgs {
+    fn actor(&self) -> String {
+        self.actor.clone().unwrap_or_else(ops::os_user)
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Machine-readable output.
@@ -91,18 +111,11 @@ pub struct ReplayArgs {
     pub ids: Vec<Uuid>,
     #[command(flatten)]
     pub filter: FilterArgs,
-    /// Why: recorded with the action (required).
-    #[arg(long)]
-    pub reason: Option<String>,
-    /// Who: recorded with the action (default: the OS user).
-    #[arg(long)]
-    pub actor: Option<String>,
+    #[command(flatten)]
+    pub action: ActionArgs,
     /// Also replay succeeded events (their handlers run again).
     #[arg(long)]
     pub include_succeeded: bool,
-    /// Print what would be replayed, change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
     #[arg(long, default_value_t = 1000)]
     pub batch_size: i64,
 }
@@ -121,12 +134,8 @@ pub struct PruneArgs {
     /// Delete finished attempt rows older than this.
     #[arg(long)]
     pub attempts_older_than: Option<HumanDuration>,
-    #[arg(long)]
-    pub reason: Option<String>,
-    #[arg(long)]
-    pub actor: Option<String>,
-    #[arg(long)]
-    pub dry_run: bool,
+    #[command(flatten)]
+    pub action: ActionArgs,
     #[arg(long, default_value_t = 1000)]
     pub batch_size: i64,
 }
@@ -138,12 +147,8 @@ pub struct ImportArgs {
     pub source: String,
     /// JSON Lines, one payload per line; `-` for standard input.
     pub file: PathBuf,
-    #[arg(long)]
-    pub reason: Option<String>,
-    #[arg(long)]
-    pub actor: Option<String>,
-    #[arg(long)]
-    pub dry_run: bool,
+    #[command(flatten)]
+    pub action: ActionArgs,
     #[arg(long, default_value_t = 500)]
     pub batch_size: usize,
 }
@@ -343,12 +348,12 @@ pub async fn replay(common: &CommonArgs, args: ReplayArgs) -> anyhow::Result<Exi
         ids: args.ids,
         filter: args.filter.filter()?,
         include_succeeded: args.include_succeeded,
-        reason: args.reason.unwrap_or_default(),
-        actor: args.actor.unwrap_or_else(ops::os_user),
+        reason: args.action.reason.clone().unwrap_or_default(),
+        actor: args.action.actor(),
         batch_size: args.batch_size.max(1),
     };
     let (count, sample) = ops::replay::preview(&pool, &request, 20).await?;
-    if args.dry_run {
+    if args.action.dry_run {
         println!("would replay {count} events");
         for event in sample {
             println!(
@@ -390,15 +395,15 @@ pub async fn prune(common: &CommonArgs, args: PruneArgs) -> anyhow::Result<ExitC
         include_dead: args.include_dead,
         deliveries_older_than: args.deliveries_older_than.map(|d| d.0),
         attempts_older_than: args.attempts_older_than.map(|d| d.0),
-        dry_run: args.dry_run,
-        actor: args.actor.unwrap_or_else(ops::os_user),
-        reason: args.reason,
+        dry_run: args.action.dry_run,
+        actor: args.action.actor(),
+        reason: args.action.reason.clone(),
         batch_size: args.batch_size.max(1),
     };
     let bar = output::progress(None, "pruning");
     let report = ops::prune::prune(&pool, &request, |n| bar.inc(n)).await?;
     bar.finish_and_clear();
-    let verb = if args.dry_run {
+    let verb = if args.action.dry_run {
         "would prune"
     } else {
         "pruned"
@@ -412,18 +417,12 @@ pub async fn prune(common: &CommonArgs, args: PruneArgs) -> anyhow::Result<ExitC
 
 pub async fn import(common: &CommonArgs, args: ImportArgs) -> anyhow::Result<ExitCode> {
     let (config, pool) = connect(common).await?;
-    let source = config.source(&args.source).with_context(|| {
-        format!(
-            "no [[source]] named \"{}\" in {}",
-            args.source,
-            config.path.display()
-        )
-    })?;
+    let source = config.require_source(&args.source)?;
     let request = ImportRequest {
         file_name: args.file.display().to_string(),
-        dry_run: args.dry_run,
-        actor: args.actor.unwrap_or_else(ops::os_user),
-        reason: args.reason,
+        dry_run: args.action.dry_run,
+        actor: args.action.actor(),
+        reason: args.action.reason.clone(),
         batch_size: args.batch_size.max(1),
     };
     let bar = output::progress(None, "importing");
@@ -441,7 +440,7 @@ pub async fn import(common: &CommonArgs, args: ImportArgs) -> anyhow::Result<Exi
         .await?
     };
     bar.finish_and_clear();
-    let verb = if args.dry_run {
+    let verb = if args.action.dry_run {
         "would import"
     } else {
         "imported"

@@ -26,13 +26,7 @@ pub struct SendArgs {
 
 pub async fn run(common: &CommonArgs, args: SendArgs) -> anyhow::Result<ExitCode> {
     let config = common.load_config()?;
-    let source = config.source(&args.source).with_context(|| {
-        format!(
-            "no [[source]] named \"{}\" in {}",
-            args.source,
-            config.path.display()
-        )
-    })?;
+    let source = config.require_source(&args.source)?;
     let body = match &args.file {
         Some(path) => {
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?

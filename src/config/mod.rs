@@ -115,6 +115,15 @@ impl Config {
         self.sources.iter().find(|s| s.name == name)
     }
 
+    /// The source a command was asked for, or an error naming the file.
+    pub fn require_source(&self, name: &str) -> Result<&Source, ConfigError> {
+        self.source(name).ok_or_else(|| ConfigError {
+            file: self.path.clone(),
+            key: "source".into(),
+            message: format!("no [[source]] is named \"{name}\""),
+        })
+    }
+
     /// The database URL from the variable `[database] url_env` names.
     pub fn database_url(&self) -> Result<String, ConfigError> {
         self.database_url_from(&ProcessEnvironment)

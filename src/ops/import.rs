@@ -130,18 +130,29 @@ pub async fn import(
     Ok(report)
 }
 
-fn parse<'a>(source: &Source, payload: &'a [u8]) -> Result<(String, EventFields<'a>), String> {
+/// A line's hash and fields, as a delivery's would be; an invalid line is
+/// noted in the report with its number.
+fn parse<'a>(
+    source: &Source,
+    number: u64,
+    payload: &'a [u8],
+    report: &mut ImportReport,
+) -> Option<(String, EventFields<'a>)> {
     let no_headers: &[(&str, &str)] = &[];
     let sha = sha256_hex(payload);
-    let fields = EventFields::extract(
+    match EventFields::extract(
         &source.event_key,
         source.event_type.as_ref(),
         payload,
         &sha,
         no_headers,
-    )
-    .map_err(|e| e.to_string())?;
-    Ok((sha, fields))
+    ) {
+        Ok(fields) => Some((sha, fields)),
+        Err(error) => {
+            report.invalid.push((number, error.to_string()));
+            None
+        }
+    }
 }
 
 async fn import_batch(
@@ -154,12 +165,8 @@ async fn import_batch(
     let mut transaction = pool.begin().await?;
     let mut stored = 0i64;
     for (number, payload) in batch {
-        let (sha, fields) = match parse(source, payload) {
-            Ok(parsed) => parsed,
-            Err(why) => {
-                report.invalid.push((*number, why));
-                continue;
-            }
+        let Some((sha, fields)) = parse(source, *number, payload, report) else {
+            continue;
         };
         let delivery = NewDelivery {
             source: &source.name,
@@ -209,12 +216,8 @@ async fn check_batch(
     report: &mut ImportReport,
 ) -> Result<(), ImportError> {
     for (number, payload) in batch {
-        let (sha, fields) = match parse(source, payload) {
-            Ok(parsed) => parsed,
-            Err(why) => {
-                report.invalid.push((*number, why));
-                continue;
-            }
+        let Some((sha, fields)) = parse(source, *number, payload, report) else {
+            continue;
         };
         let stored = sqlx::query_scalar!(
             "SELECT payload_sha256 FROM inbox_events WHERE source = $1 AND event_key = $2",

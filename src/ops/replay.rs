@@ -77,29 +77,11 @@ pub async fn preview(
 ) -> Result<(i64, Vec<EventSummary>), ReplayError> {
     let statuses = request.statuses()?;
     let filter = &request.filter;
-    let count = sqlx::query_scalar!(
+    // One scan: the window count is the whole match, the rows the first `limit`.
+    let rows = sqlx::query!(
         r#"
-        SELECT count(*) AS "count!" FROM inbox_events
-        WHERE status = ANY($1)
-          AND ($2::text IS NULL OR source = $2)
-          AND ($3::text IS NULL OR event_type LIKE $3)
-          AND ($4::timestamptz IS NULL OR received_at >= $4)
-          AND ($5::timestamptz IS NULL OR received_at < $5)
-          AND (cardinality($6::uuid[]) = 0 OR id = ANY($6))
-        "#,
-        &statuses,
-        filter.source,
-        filter.type_pattern(),
-        filter.since,
-        filter.until,
-        &request.ids,
-    )
-    .fetch_one(pool)
-    .await?;
-    let sample = sqlx::query_as!(
-        EventSummary,
-        r#"
-        SELECT id, source, event_type, status, attempts, received_at, next_attempt_at, processed_at, last_error
+        SELECT id, source, event_type, status, attempts, received_at, next_attempt_at, processed_at, last_error,
+               count(*) OVER () AS "total!"
         FROM inbox_events
         WHERE status = ANY($1)
           AND ($2::text IS NULL OR source = $2)
@@ -120,7 +102,22 @@ pub async fn preview(
     )
     .fetch_all(pool)
     .await?;
-    Ok((count, sample))
+    let total = rows.first().map_or(0, |row| row.total);
+    let sample = rows
+        .into_iter()
+        .map(|row| EventSummary {
+            id: row.id,
+            source: row.source,
+            event_type: row.event_type,
+            status: row.status,
+            attempts: row.attempts,
+            received_at: row.received_at,
+            next_attempt_at: row.next_attempt_at,
+            processed_at: row.processed_at,
+            last_error: row.last_error,
+        })
+        .collect();
+    Ok((total, sample))
 }
 
 /// Resets matching events to `pending` (attempt history kept, attempt count

@@ -16,7 +16,7 @@ use std::{
 use futures_util::StreamExt;
 use hookbox::{
     event_key::sha256_hex,
-    pgcluster::{Cluster, ClusterOptions, StopMode},
+    pgcluster::{Cluster, StopMode},
     signature::Scheme,
 };
 use uuid::Uuid;
@@ -73,18 +73,7 @@ struct Stage {
 
 async fn stage() -> Stage {
     let dir = tempfile::tempdir().unwrap();
-    let data = std::env::temp_dir().join(format!("hookbox-fault-{}", Uuid::now_v7().simple()));
-    let options = ClusterOptions {
-        durable: false,
-        remove_on_exit: true,
-        port: None,
-    };
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&data, &options))
-        .await
-        .unwrap()
-        .unwrap();
-    let url = cluster.url("postgres");
-    hookbox::db::migrate(&url).await.unwrap();
+    let (cluster, url) = private_cluster(None).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::query(SIDE_EFFECTS).execute(&pool).await.unwrap();
     pool.close().await;
@@ -390,17 +379,7 @@ async fn services_started_before_the_database_work_as_soon_as_it_appears() {
         "not ready without a database"
     );
 
-    let data = std::env::temp_dir().join(format!("hookbox-late-{}", Uuid::now_v7().simple()));
-    let options = ClusterOptions {
-        durable: false,
-        remove_on_exit: true,
-        port: Some(pg_port),
-    };
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&data, &options))
-        .await
-        .unwrap()
-        .unwrap();
-    hookbox::db::migrate(&url).await.unwrap();
+    let (cluster, _) = private_cluster(Some(pg_port)).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::query(SIDE_EFFECTS).execute(&pool).await.unwrap();
 

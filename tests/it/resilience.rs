@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use hookbox::pgcluster::{Cluster, ClusterOptions, StopMode};
+use hookbox::pgcluster::StopMode;
 use sqlx::Connection;
 
 use crate::support::*;
@@ -10,22 +10,7 @@ use crate::support::*;
 #[tokio::test]
 async fn with_the_database_stopped_deliveries_get_503_quickly_and_200_once_it_returns() {
     // A private cluster of its own: stopping it disturbs no other test.
-    let dir = tempfile::Builder::new()
-        .prefix("hookbox-outage-")
-        .tempdir()
-        .unwrap()
-        .keep();
-    let options = ClusterOptions {
-        durable: false,
-        remove_on_exit: true,
-        port: None,
-    };
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&dir, &options))
-        .await
-        .unwrap()
-        .unwrap();
-    let url = cluster.url("postgres");
-    hookbox::db::migrate(&url).await.unwrap();
+    let (cluster, url) = private_cluster(None).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let app = TestApp::spawn_on(
         TestDb {
@@ -130,22 +115,7 @@ async fn migrating_twice_and_from_several_processes_at_once_is_safe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_worker_reconnects_by_itself_after_a_database_restart() {
-    let dir = tempfile::Builder::new()
-        .prefix("hookbox-restart-")
-        .tempdir()
-        .unwrap()
-        .keep();
-    let options = ClusterOptions {
-        durable: false,
-        remove_on_exit: true,
-        port: None,
-    };
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&dir, &options))
-        .await
-        .unwrap()
-        .unwrap();
-    let url = cluster.url("postgres");
-    hookbox::db::migrate(&url).await.unwrap();
+    let (cluster, url) = private_cluster(None).await;
     let text = format!(
         "{BEGINI_CONFIG}\n[worker]\npoll_interval = \"500ms\"\n[[route]]\nsource = \"begini\"\nhandler = \"h\"\n\
          [handler.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n"

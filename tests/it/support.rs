@@ -270,3 +270,23 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A private cluster of the test's own, migrated, for tests that stop or
+/// restart PostgreSQL; `port` when the port must be known beforehand.
+pub async fn private_cluster(port: Option<u16>) -> (hookbox::pgcluster::Cluster, String) {
+    use hookbox::pgcluster::{Cluster, ClusterOptions};
+    let data =
+        std::env::temp_dir().join(format!("hookbox-private-{}", uuid::Uuid::now_v7().simple()));
+    let options = ClusterOptions {
+        durable: false,
+        remove_on_exit: true,
+        port,
+    };
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(&data, &options))
+        .await
+        .unwrap()
+        .expect("a private cluster");
+    let url = cluster.url("postgres");
+    db::migrate(&url).await.expect("migrations apply");
+    (cluster, url)
+}
