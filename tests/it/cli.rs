@@ -285,3 +285,30 @@ async fn loadtest_sends_signed_events_with_duplicates_and_reports_what_it_saw() 
         "realistic events of about 1 KB: {size}"
     );
 }
+
+#[test]
+fn the_readme_configuration_overview_is_accepted() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let overview = readme
+        .split("```toml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hookbox.toml");
+    std::fs::write(&path, overview).unwrap();
+    let output = hookbox()
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .env("BEGINI_API_KEY", "k")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
