@@ -29,7 +29,7 @@ for r, x in zip(rows, t):
     if r["event"]:
         for ax in axes:
             ax.axvline(x, color="grey", linestyle=":", linewidth=1)
-        axes[0].annotate(r["event"], (x, 0), rotation=90, fontsize=7, va="bottom")
+        axes[0].annotate(r["event"], (x, 0.03), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, va="bottom", ha="right")
 for ax in axes:
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
