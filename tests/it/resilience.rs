@@ -65,14 +65,7 @@ async fn with_the_database_stopped_deliveries_get_503_quickly_and_200_once_it_re
     })
     .await
     .unwrap();
-    let mut status = 0;
-    for _ in 0..50 {
-        status = app.post_signed("begini", &during).await.status;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let status = app.deliver_as_sender("begini", &during).await.status;
     assert_eq!(status, 200, "the receiver recovered without a restart");
     let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox_events")
@@ -171,20 +164,13 @@ async fn a_running_worker_reconnects_by_itself_after_a_database_restart() {
     })
     .await
     .unwrap();
-    let mut status = 0;
-    for _ in 0..50 {
-        status = app
-            .post_signed(
-                "begini",
-                &begini_payload(&unique_uid(), "application.complete"),
-            )
-            .await
-            .status;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let status = app
+        .deliver_as_sender(
+            "begini",
+            &begini_payload(&unique_uid(), "application.complete"),
+        )
+        .await
+        .status;
     assert_eq!(status, 200);
     let mut done = 0;
     for _ in 0..100 {

@@ -208,6 +208,14 @@ pub fn unique_uid() -> String {
     uuid::Uuid::now_v7().simple().to_string().to_uppercase()
 }
 
+/// Fails if any captured log line contains one of `needles`.
+pub fn assert_logs_never_contain(needles: &[&str]) {
+    let logs = captured_logs();
+    for needle in needles {
+        assert!(!logs.contains(needle), "a log line contains {needle}");
+    }
+}
+
 /// Every log line the tests produce, to search for leaked secrets and payloads.
 pub fn captured_logs() -> String {
     String::from_utf8_lossy(&LOGS.get().expect("logs captured").lock().unwrap()).into_owned()
