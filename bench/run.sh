@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One run of hookbox's benchmarks on this machine, against a private PostgreSQL
+# cluster (fsync on): prints the figures for BENCHMARKS.md.
+#   bash bench/run.sh [SECONDS]      (each timed phase runs SECONDS, default 30)
+# (a) the ceiling: pgbench doing what a naive receiver does per event, 16 and 64 clients
+# (b) receiver ingest with hookbox loadtest, 64 connections
+# (c) worker drain of 200,000 stored events through a sql handler inserting a row each
+# (d) end-to-end latency, 200 -> handler start, at 1,000 events/s offered
+# (e) peak RSS of the receiver and the worker
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-30}
+cargo build --release --bins --quiet
+bin=$PWD/target/release
+
+# The real directory (a PATH entry may be a symlink), where pgbench lives too.
+pg_bin=$(dirname "$(readlink -f "$(command -v initdb 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")")
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+work=$(mktemp -d /tmp/hookbox-bench-XXXXXX)
+chmod 755 "$work"
+pgdata=$work/pg
+mkdir "$pgdata"
+[ "$(id -u)" = 0 ] && chown postgres: "$pgdata"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cleanup() {
+    kill "${receiver:-}" "${worker:-}" 2>/dev/null || true
+    as_pg "$pg_bin/pg_ctl" stop -m fast -D "$pgdata" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+as_pg "$pg_bin/initdb" -U postgres --auth=trust -E UTF8 --locale=C -D "$pgdata" >/dev/null
+as_pg "$pg_bin/pg_ctl" start -w -D "$pgdata" -l "$pgdata/log" \
+    -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300" >/dev/null
+export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+export BEGINI_API_KEY=bench-key
+psql() { command psql -q -X -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
+
+rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat > "$work/hookbox.toml" <<TOML
+[database]
+max_connections = 32
+[receiver]
+listen = "127.0.0.1:$rport"
+admin_listen = ""
+[worker]
+admin_listen = ""
+concurrency = 16
+[[source]]
+name = "begini"
+environment = "sandbox"
+scheme = "begini"
+secrets_env = ["BEGINI_API_KEY"]
+event_key = { json = ["/integration_id", "/uid", "/event/type"] }
+[[route]]
+source = "begini"
+handler = "h"
+[handler.h]
+kind = "sql"
+statement = "INSERT INTO side_effects (event_id) VALUES (\$3)"
+TOML
+export HOOKBOX_CONFIG=$work/hookbox.toml
+"$bin/hookbox" migrate >/dev/null
+psql -c "CREATE TABLE side_effects (event_id uuid NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+reset() { psql -c "TRUNCATE inbox_events, inbox_deliveries, inbox_attempts, side_effects CASCADE"; }
+peak_rss() { awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' "/proc/$1/status"; }
+
+echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $("$pg_bin/postgres" --version)"
+
+echo "== (a) the ceiling: pgbench, one transaction per event (event ON CONFLICT DO NOTHING + delivery row)"
+payload=$(python3 -c 'import json; print(json.dumps({"uid": "U", "integration_id": "1", "event": {"type": "psychometric_score.complete", "details": {"score": 700, "notes": "x" * 800}}}))')
+cat > "$work/naive.sql" <<SQL
+BEGIN;
+INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256)
+VALUES (gen_random_uuid(), 'begini', 'sandbox', gen_random_uuid()::text, 'psychometric_score.complete',
+        convert_to('$payload', 'UTF8'), '$payload'::jsonb, '{}', md5(random()::text))
+ON CONFLICT (source, event_key) DO NOTHING;
+INSERT INTO inbox_deliveries (source, remote_addr, outcome, payload_sha256, status_code)
+VALUES ('begini', '127.0.0.1', 'accepted', md5(random()::text), 200);
+COMMIT;
+SQL
+for clients in 16 64; do
+    reset
+    tps=$(as_pg "$pg_bin/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -c "$clients" -j 2 -T "$seconds" -f "$work/naive.sql" postgres 2>/dev/null \
+        | awk '/^tps/ {print $3; exit}')
+    echo "pgbench $clients clients: $tps events/s"
+done
+
+echo "== (b) receiver ingest: hookbox loadtest, 64 connections, ${seconds}s"
+reset
+"$bin/hookbox-receiver" 2>/dev/null & receiver=$!
+sleep 1
+"$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
+    --connections 64 --duration "${seconds}s" | sed 's/^/  /'
+echo "  receiver peak RSS: $(peak_rss "$receiver")"
+
+echo "== (d) end to end at 1,000 events/s: 200 -> handler start (database clock)"
+reset
+"$bin/hookbox-worker" 2>/dev/null & worker=$!
+sleep 1
+"$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
+    --connections 32 --rate 1000 --duration "${seconds}s" | sed 's/^/  /'
+sleep 3
+psql -At -c "SELECT format('  stored -> started (ms): p50 %s  p99 %s  max %s  (%s events)',
+        round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2),
+        round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(max(ms)::numeric, 2), count(*))
+    FROM (SELECT extract(epoch FROM a.started_at - e.received_at)::float8 * 1000 AS ms
+          FROM inbox_events e JOIN inbox_attempts a ON a.event_id = e.id AND a.attempt = 1) gaps"
+kill "$worker"; wait "$worker" 2>/dev/null || true
+
+echo "== (c) worker drain: 200,000 stored events through a sql handler"
+reset
+psql -c "INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256)
+         SELECT gen_random_uuid(), 'begini', 'sandbox', 'k' || g, 'psychometric_score.complete', convert_to(p, 'UTF8'), p::jsonb, '{}', md5(p)
+         FROM generate_series(1, 200000) g, LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"psychometric_score.complete\"}}', g) AS p) x"
+psql -c "VACUUM ANALYZE inbox_events"
+start=$(date +%s.%N)
+"$bin/hookbox-worker" 2>/dev/null & worker=$!
+while [ "$(psql -At -c "SELECT count(*) FROM inbox_events WHERE status <> 'succeeded'")" != 0 ]; do sleep 0.5; done
+end=$(date +%s.%N)
+echo "  drained 200000 events in $(python3 -c "print(f'{$end - $start:.1f}')")s: $(python3 -c "print(f'{200000 / ($end - $start):.0f}')") events/s"
+echo "  side effects: $(psql -At -c "SELECT count(*) || ' rows, ' || count(DISTINCT event_id) || ' distinct' FROM side_effects")"
+echo "  worker peak RSS: $(peak_rss "$worker")"
