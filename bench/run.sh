@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
+events=${EVENTS:-200000}    # (c)'s backlog
 cargo build --release --bins --quiet
 bin=$PWD/target/release
 
@@ -32,7 +33,7 @@ as_pg "$pg_bin/initdb" -U postgres --auth=trust -E UTF8 --locale=C -D "$pgdata" 
 as_pg "$pg_bin/pg_ctl" start -w -D "$pgdata" -l "$pgdata/log" \
     -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300" >/dev/null
 export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
-export BEGINI_API_KEY=bench-key
+export BEGINI_API_KEY=bench-key RUST_LOG=warn PGOPTIONS="-c client_min_messages=warning"
 psql() { command psql -q -X -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
 
 rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -107,16 +108,16 @@ psql -At -c "SELECT format('  stored -> started (ms): p50 %s  p99 %s  max %s  (%
           FROM inbox_events e JOIN inbox_attempts a ON a.event_id = e.id AND a.attempt = 1) gaps"
 kill "$worker"; wait "$worker" 2>/dev/null || true
 
-echo "== (c) worker drain: 200,000 stored events through a sql handler"
+echo "== (c) worker drain: $events stored events through a sql handler"
 reset
 psql -c "INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256)
          SELECT gen_random_uuid(), 'begini', 'sandbox', 'k' || g, 'psychometric_score.complete', convert_to(p, 'UTF8'), p::jsonb, '{}', md5(p)
-         FROM generate_series(1, 200000) g, LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"psychometric_score.complete\"}}', g) AS p) x"
+         FROM generate_series(1, $events) g, LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"psychometric_score.complete\"}}', g) AS p) x"
 psql -c "VACUUM ANALYZE inbox_events"
 start=$(date +%s.%N)
 "$bin/hookbox-worker" 2>/dev/null & worker=$!
 while [ "$(psql -At -c "SELECT count(*) FROM inbox_events WHERE status <> 'succeeded'")" != 0 ]; do sleep 0.5; done
 end=$(date +%s.%N)
-echo "  drained 200000 events in $(python3 -c "print(f'{$end - $start:.1f}')")s: $(python3 -c "print(f'{200000 / ($end - $start):.0f}')") events/s"
+echo "  drained $events events in $(python3 -c "print(f'{$end - $start:.1f}')")s: $(python3 -c "print(f'{$events / ($end - $start):.0f}')") events/s"
 echo "  side effects: $(psql -At -c "SELECT count(*) || ' rows, ' || count(DISTINCT event_id) || ' distinct' FROM side_effects")"
 echo "  worker peak RSS: $(peak_rss "$worker")"
