@@ -7,19 +7,36 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// A verified delivery, ready to be stored.
-pub struct NewDelivery<'a> {
-    pub source: &'a str,
-    pub environment: &'a str,
-    pub event_key: &'a str,
-    pub event_type: Option<&'a str>,
-    pub payload: &'a [u8],
+#[derive(Clone, Debug)]
+pub struct NewDelivery {
+    pub source: String,
+    pub environment: String,
+    pub event_key: String,
+    pub event_type: Option<String>,
+    pub payload: Vec<u8>,
     /// The payload as JSON text, when it is JSON PostgreSQL can store.
-    pub payload_json: Option<&'a str>,
+    pub payload_json: Option<String>,
     pub headers: serde_json::Value,
-    pub payload_sha256: &'a str,
+    pub payload_sha256: String,
     pub remote_addr: Option<IpAddr>,
-    /// `accepted` for deliveries over HTTP, `imported` for operator imports.
-    pub new_outcome: &'static str,
+}
+
+/// How deliveries reached hookbox, as their audit rows say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Over HTTP: the row's outcome is what happened to the event.
+    Http,
+    /// An operator's import: the outcome is `imported`, the reason what happened.
+    Import,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "accepted",
+            Self::Import => "imported",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,75 +67,147 @@ pub enum StoreError {
     Vanished,
 }
 
-/// Stores the event if its key is new and always records the delivery, in one
-/// statement (so one transaction). The caller answers only after this returns.
+impl StoreError {
+    /// The database refused the data itself (a constraint, an invalid value),
+    /// rather than being unreachable or slow: retrying the same rows fails again.
+    pub fn is_refusal_of_data(&self) -> bool {
+        matches!(self, Self::Database(sqlx::Error::Database(_)))
+    }
+}
+
+/// Stores one delivery; see [`ingest_batch`].
 pub async fn ingest(
     conn: &mut PgConnection,
-    delivery: &NewDelivery<'_>,
+    delivery: &NewDelivery,
+    origin: Origin,
 ) -> Result<(IngestOutcome, Uuid), StoreError> {
-    let id = Uuid::now_v7();
-    let remote_addr = delivery.remote_addr.map(|ip| ip.to_string());
+    let mut outcomes = ingest_batch(conn, std::slice::from_ref(delivery), origin).await?;
+    outcomes.pop().ok_or(StoreError::Vanished)
+}
+
+/// Stores each event whose key is new and records every delivery, all in one
+/// statement (so one transaction, one round trip). Outcomes come back in the
+/// order of `deliveries`; a key repeated within the batch is stored once and
+/// its later deliveries are duplicates or conflicts of the first. The caller
+/// answers only after this returns (and, inside a transaction, commits).
+pub async fn ingest_batch(
+    conn: &mut PgConnection,
+    deliveries: &[NewDelivery],
+    origin: Origin,
+) -> Result<Vec<(IngestOutcome, Uuid)>, StoreError> {
+    let mut outcomes: Vec<Option<(IngestOutcome, Uuid)>> = vec![None; deliveries.len()];
+    let mut open: Vec<usize> = (0..deliveries.len()).collect();
     // A concurrent first delivery of the same key can commit after this
-    // statement's snapshot: then neither branch sees a row, and one more try does.
+    // statement's snapshot: then neither branch sees a row for it, and one more
+    // try (of just those deliveries) does.
     for _ in 0..3 {
-        let row = sqlx::query!(
-            r#"
-            WITH inserted AS (
-                INSERT INTO inbox_events (id, source, environment, event_key, event_type,
-                                          payload, payload_json, headers, payload_sha256)
-                VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9)
-                ON CONFLICT (source, event_key) DO NOTHING
-                RETURNING id
-            ), existing AS (
-                SELECT e.id, e.payload_sha256
-                FROM inbox_events e
-                WHERE e.source = $2 AND e.event_key = $4
-                  AND NOT EXISTS (SELECT 1 FROM inserted)
-            ), event AS (
-                SELECT id, CASE WHEN $11::text = 'imported' THEN 'imported' ELSE 'accepted' END AS outcome,
-                       'accepted' AS kind
-                FROM inserted
-                UNION ALL
-                SELECT id,
-                       CASE WHEN $11::text = 'imported' THEN 'imported'
-                            WHEN payload_sha256 = $9 THEN 'duplicate' ELSE 'conflict' END,
-                       CASE WHEN payload_sha256 = $9 THEN 'duplicate' ELSE 'conflict' END
-                FROM existing
-            ), delivery AS (
-                INSERT INTO inbox_deliveries (source, remote_addr, outcome, reason, event_id, payload_sha256, status_code)
-                SELECT $2, $10::text::inet, event.outcome,
-                       CASE WHEN $11::text = 'imported' AND event.kind <> 'accepted' THEN event.kind END,
-                       event.id, $9, 200
-                FROM event
-                RETURNING event_id
-            )
-            SELECT event.id AS "id!", event.kind AS "kind!"
-            FROM event JOIN delivery ON delivery.event_id = event.id
-            "#,
-            id,
-            delivery.source,
-            delivery.environment,
-            delivery.event_key,
-            delivery.event_type,
-            delivery.payload,
-            delivery.payload_json,
-            delivery.headers,
-            delivery.payload_sha256,
-            remote_addr,
-            delivery.new_outcome,
+        if open.is_empty() {
+            break;
+        }
+        let batch: Vec<&NewDelivery> = open.iter().map(|&i| &deliveries[i]).collect();
+        for (position, outcome) in ingest_statement(conn, &batch, origin).await? {
+            outcomes[open[position]] = Some(outcome);
+        }
+        open.retain(|&i| outcomes[i].is_none());
+    }
+    outcomes
+        .into_iter()
+        .map(|outcome| outcome.ok_or(StoreError::Vanished))
+        .collect()
+}
+
+/// One round trip; returns (position in `batch`, outcome) for each delivery it
+/// could resolve.
+async fn ingest_statement(
+    conn: &mut PgConnection,
+    batch: &[&NewDelivery],
+    origin: Origin,
+) -> Result<Vec<(usize, (IngestOutcome, Uuid))>, StoreError> {
+    let ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
+    let text = |f: for<'d> fn(&'d NewDelivery) -> Option<&'d str>| -> Vec<Option<&str>> {
+        batch.iter().map(|d| f(d)).collect()
+    };
+    let sources = text(|d| Some(&d.source));
+    let environments = text(|d| Some(&d.environment));
+    let keys = text(|d| Some(&d.event_key));
+    let types = text(|d| d.event_type.as_deref());
+    let json = text(|d| d.payload_json.as_deref());
+    let shas = text(|d| Some(&d.payload_sha256));
+    let headers: Vec<String> = batch.iter().map(|d| d.headers.to_string()).collect();
+    let addresses: Vec<Option<String>> = batch
+        .iter()
+        .map(|d| d.remote_addr.map(|ip| ip.to_string()))
+        .collect();
+    let payloads: Vec<&[u8]> = batch.iter().map(|d| d.payload.as_slice()).collect();
+    let rows = sqlx::query!(
+        r#"
+        WITH input AS (
+            SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                 $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[])
+                          WITH ORDINALITY
+                     AS i(id, source, environment, event_key, event_type,
+                          payload, payload_json, headers, payload_sha256, remote_addr, position)
+        ), first AS (
+            SELECT DISTINCT ON (source, event_key) *
+            FROM input ORDER BY source, event_key, position
+        ), inserted AS (
+            INSERT INTO inbox_events (id, source, environment, event_key, event_type,
+                                      payload, payload_json, headers, payload_sha256)
+            SELECT id, source, environment, event_key, event_type,
+                   payload, payload_json::jsonb, headers::jsonb, payload_sha256
+            FROM first ORDER BY position
+            ON CONFLICT (source, event_key) DO NOTHING
+            RETURNING id, source, event_key, payload_sha256
+        ), stored AS (
+            SELECT id, source, event_key, payload_sha256, true AS fresh FROM inserted
+            UNION ALL
+            SELECT e.id, e.source, e.event_key, e.payload_sha256, false
+            FROM inbox_events e JOIN first f ON e.source = f.source AND e.event_key = f.event_key
+            WHERE NOT EXISTS (SELECT 1 FROM inserted n
+                              WHERE n.source = f.source AND n.event_key = f.event_key)
+        ), resolved AS (
+            SELECT i.position, s.id AS event_id, i.source, i.remote_addr, i.payload_sha256,
+                   CASE WHEN s.fresh AND s.id = i.id THEN 'accepted'
+                        WHEN s.payload_sha256 = i.payload_sha256 THEN 'duplicate'
+                        ELSE 'conflict' END AS kind
+            FROM input i JOIN stored s ON s.source = i.source AND s.event_key = i.event_key
+        ), delivery AS (
+            INSERT INTO inbox_deliveries (source, remote_addr, outcome, reason, event_id,
+                                          payload_sha256, status_code)
+            SELECT source, remote_addr::inet,
+                   CASE WHEN $11::text = 'imported' THEN 'imported' ELSE kind END,
+                   CASE WHEN $11::text = 'imported' AND kind <> 'accepted' THEN kind END,
+                   event_id, payload_sha256, 200
+            FROM resolved ORDER BY position
         )
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(row) = row {
+        SELECT position AS "position!", event_id AS "event_id!", kind AS "kind!" FROM resolved
+        "#,
+        &ids,
+        &sources as &[Option<&str>],
+        &environments as &[Option<&str>],
+        &keys as &[Option<&str>],
+        &types as &[Option<&str>],
+        &payloads as &[&[u8]],
+        &json as &[Option<&str>],
+        &headers,
+        &shas as &[Option<&str>],
+        &addresses as &[Option<String>],
+        origin.as_str(),
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
             let outcome = match row.kind.as_str() {
                 "accepted" => IngestOutcome::Stored,
                 "duplicate" => IngestOutcome::Duplicate,
                 _ => IngestOutcome::Conflict,
             };
-            return Ok((outcome, row.id));
-        }
-    }
-    Err(StoreError::Vanished)
+            // ORDINALITY counts from 1.
+            (row.position as usize - 1, (outcome, row.event_id))
+        })
+        .collect())
 }
 
 /// A delivery that was refused: audited with its precise reason, nothing stored.

@@ -235,6 +235,21 @@ impl Checker<'_> {
         if receiver.request_timeout.0 < Duration::from_millis(100) {
             return Err(self.error("receiver.request_timeout", "must be at least 100ms"));
         }
+        for (value, key) in [
+            (receiver.batch_max_size, "receiver.batch_max_size"),
+            (receiver.batch_committers, "receiver.batch_committers"),
+            (receiver.queue_capacity, "receiver.queue_capacity"),
+        ] {
+            if value == 0 {
+                return Err(self.error(key, "must be at least 1"));
+            }
+        }
+        if receiver.batch_max_wait.0 >= receiver.request_timeout.0 {
+            return Err(self.error(
+                "receiver.batch_max_wait",
+                "must be shorter than receiver.request_timeout",
+            ));
+        }
         if !receiver.admin_listen.is_empty()
             && receiver
                 .admin_listen
@@ -279,6 +294,11 @@ impl Checker<'_> {
             (
                 worker.concurrency == 0,
                 "worker.concurrency",
+                "must be at least 1",
+            ),
+            (
+                worker.batch_size == 0,
+                "worker.batch_size",
                 "must be at least 1",
             ),
             (

@@ -59,6 +59,14 @@ pub struct ReceiverSection {
     pub trusted_proxies: Vec<String>,
     pub tls: Option<TlsSection>,
     pub tls_terminated_by_proxy: bool,
+    /// Group commit: at most this many deliveries share one transaction.
+    pub batch_max_size: usize,
+    /// How long a batch waits for more deliveries once it has one.
+    pub batch_max_wait: HumanDuration,
+    /// Batches committing at once, each on its own connection.
+    pub batch_committers: usize,
+    /// Deliveries waiting for a batch; beyond this, `503`.
+    pub queue_capacity: usize,
 }
 
 impl Default for ReceiverSection {
@@ -71,6 +79,10 @@ impl Default for ReceiverSection {
             trusted_proxies: Vec::new(),
             tls: None,
             tls_terminated_by_proxy: false,
+            batch_max_size: 256,
+            batch_max_wait: HumanDuration::from_millis(0),
+            batch_committers: 4,
+            queue_capacity: 8192,
         }
     }
 }
@@ -94,6 +106,9 @@ pub struct WorkerSection {
     /// `/metrics`; never a public address. Empty string disables it.
     pub admin_listen: String,
     pub concurrency: usize,
+    /// Events claimed at once; for sql and library handlers, also how many
+    /// complete in one transaction.
+    pub batch_size: usize,
     pub lease: HumanDuration,
     pub poll_interval: HumanDuration,
     pub shutdown_grace: HumanDuration,
@@ -105,6 +120,7 @@ impl Default for WorkerSection {
         Self {
             admin_listen: "127.0.0.1:9091".into(),
             concurrency: 16,
+            batch_size: 100,
             lease: HumanDuration::from_secs(300),
             poll_interval: HumanDuration::from_secs(1),
             shutdown_grace: HumanDuration::from_secs(30),

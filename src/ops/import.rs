@@ -11,7 +11,7 @@ use super::{add_affected, record_action};
 use crate::{
     config::Source,
     event_key::{sha256_hex, EventFields, EventKeySpec},
-    store::{self, IngestOutcome, NewDelivery},
+    store::{self, IngestOutcome, NewDelivery, Origin},
 };
 
 #[derive(Clone, Debug)]
@@ -162,48 +162,47 @@ async fn import_batch(
     batch: &[(u64, Vec<u8>)],
     report: &mut ImportReport,
 ) -> Result<(), ImportError> {
-    let mut transaction = pool.begin().await?;
-    let mut stored = 0i64;
+    let mut deliveries = Vec::with_capacity(batch.len());
     for (number, payload) in batch {
         let Some((sha, fields)) = parse(source, *number, payload, report) else {
             continue;
         };
-        let delivery = NewDelivery {
-            source: &source.name,
-            environment: &source.environment,
-            event_key: &fields.event_key,
-            event_type: fields.event_type.as_deref(),
-            payload,
-            payload_json: fields.json_text,
+        deliveries.push(NewDelivery {
+            source: source.name.clone(),
+            environment: source.environment.clone(),
+            event_key: fields.event_key,
+            event_type: fields.event_type,
+            payload_json: fields.json_text.map(str::to_owned),
+            payload: payload.clone(),
             headers: serde_json::json!({}),
-            payload_sha256: &sha,
+            payload_sha256: sha,
             remote_addr: None,
-            new_outcome: "imported",
-        };
-        let (outcome, event_id) =
-            store::ingest(&mut transaction, &delivery)
-                .await
-                .map_err(|e| match e {
-                    store::StoreError::Database(e) => ImportError::Database(e),
-                    store::StoreError::Vanished => ImportError::Database(sqlx::Error::RowNotFound),
-                })?;
+        });
+    }
+    let mut transaction = pool.begin().await?;
+    let outcomes = store::ingest_batch(&mut transaction, &deliveries, Origin::Import)
+        .await
+        .map_err(|e| match e {
+            store::StoreError::Database(e) => ImportError::Database(e),
+            store::StoreError::Vanished => ImportError::Database(sqlx::Error::RowNotFound),
+        })?;
+    let mut stored = Vec::new();
+    for (outcome, event_id) in outcomes {
         match outcome {
-            IngestOutcome::Stored => {
-                stored += 1;
-                report.stored += 1;
-                sqlx::query!(
-                    "INSERT INTO inbox_action_events (action_id, event_id) VALUES ($1, $2)",
-                    action_id,
-                    event_id
-                )
-                .execute(&mut *transaction)
-                .await?;
-            }
+            IngestOutcome::Stored => stored.push(event_id),
             IngestOutcome::Duplicate => report.duplicates += 1,
             IngestOutcome::Conflict => report.conflicts += 1,
         }
     }
-    add_affected(&mut transaction, action_id, stored).await?;
+    report.stored += stored.len() as u64;
+    sqlx::query!(
+        "INSERT INTO inbox_action_events (action_id, event_id) SELECT $1, unnest($2::uuid[])",
+        action_id,
+        &stored,
+    )
+    .execute(&mut *transaction)
+    .await?;
+    add_affected(&mut transaction, action_id, stored.len() as i64).await?;
     transaction.commit().await?;
     Ok(())
 }

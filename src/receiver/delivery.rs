@@ -155,25 +155,21 @@ async fn accept(
     .map_err(|e| refuse(e.into()))?;
 
     let delivery = NewDelivery {
-        source: &source.name,
-        environment: &source.environment,
-        event_key: &fields.event_key,
-        event_type: fields.event_type.as_deref(),
-        payload: &body,
-        payload_json: fields.json_text,
+        source: source.name.clone(),
+        environment: source.environment.clone(),
+        event_key: fields.event_key,
+        event_type: fields.event_type,
+        payload_json: fields.json_text.map(str::to_owned),
+        payload: body.to_vec(),
         headers: stored_headers(request, &runtime.private_headers),
-        payload_sha256: &payload_sha256,
+        payload_sha256: payload_sha256.clone(),
         remote_addr: client,
-        new_outcome: "accepted",
     };
     let started = std::time::Instant::now();
-    let store = async {
-        let mut connection = state.pool.acquire().await?;
-        store::ingest(&mut connection, &delivery).await
-    };
-    let (outcome, event_id) = with_deadline(state.request_timeout, store)
-        .await
-        .map_err(|e| refuse(DeliveryError::Unavailable(e)))?;
+    let (outcome, event_id) =
+        with_deadline(state.request_timeout, state.group_commit.store(delivery))
+            .await
+            .map_err(|e| refuse(DeliveryError::Unavailable(e)))?;
     metrics::histogram!("hookbox_ingest_seconds", "source" => source.name.clone())
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("hookbox_deliveries_total", "source" => source.name.clone(), "outcome" => outcome.as_str()).increment(1);

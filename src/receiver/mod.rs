@@ -2,6 +2,7 @@
 
 mod delivery;
 pub mod error;
+pub mod group_commit;
 pub mod network;
 mod tls;
 
@@ -23,6 +24,7 @@ use error::detail_response;
 /// What every request handler shares.
 pub struct ReceiverState {
     pool: PgPool,
+    group_commit: group_commit::GroupCommit,
     sources: HashMap<String, Arc<SourceRuntime>>,
     trusted_proxies: Vec<IpNet>,
     max_body_bytes: usize,
@@ -68,7 +70,19 @@ impl ReceiverState {
                 (source.name.clone(), Arc::new(runtime))
             })
             .collect();
+        // Refused deliveries and /readyz need a connection besides the committers.
+        let committers = config
+            .receiver
+            .batch_committers
+            .min(config.database.max_connections.saturating_sub(1).max(1) as usize);
+        let settings = group_commit::GroupCommitSettings {
+            max_batch: config.receiver.batch_max_size,
+            max_wait: config.receiver.batch_max_wait.0,
+            committers,
+            queue_capacity: config.receiver.queue_capacity,
+        };
         Self {
+            group_commit: group_commit::GroupCommit::start(pool.clone(), settings),
             pool,
             sources,
             trusted_proxies: config.trusted_proxies.clone(),

@@ -11,8 +11,11 @@ use std::{collections::HashMap, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use sqlx::{postgres::PgListener, Acquire, PgPool};
-use tokio::{sync::Notify, task::JoinSet};
+use sqlx::{postgres::PgListener, PgPool};
+use tokio::{
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -66,6 +69,11 @@ pub struct Worker {
     lease: Duration,
     poll_interval: Duration,
     concurrency: usize,
+    batch_size: usize,
+    /// Cancelled when the worker stops: handlers not yet started do not start.
+    stopping: CancellationToken,
+    /// One per handler running at once (a transactional batch takes one).
+    slots: Arc<Semaphore>,
     grace: Duration,
     /// The configured sources, so their gauges read 0 once drained.
     sources: Vec<String>,
@@ -115,6 +123,9 @@ impl Worker {
             lease: config.worker.lease.0,
             poll_interval: config.worker.poll_interval.0,
             concurrency: config.worker.concurrency,
+            batch_size: config.worker.batch_size,
+            stopping: CancellationToken::new(),
+            slots: Arc::new(Semaphore::new(config.worker.concurrency)),
             grace: config.worker.shutdown_grace.0,
             sources: config.sources.iter().map(|s| s.name.clone()).collect(),
         })
@@ -124,14 +135,13 @@ impl Worker {
         &self.id
     }
 
-    /// One step, for tests and tools: claims up to `concurrency` due events and
+    /// One step, for tests and tools: claims up to `batch_size` due events and
     /// processes them all. Returns their outcomes.
     pub async fn process_next(&self) -> anyhow::Result<Vec<AttemptOutcome>> {
+        let slot = self.slots.clone().acquire_owned().await?;
         let claimed =
-            queue::claim(&self.pool, &self.id, self.concurrency as i64, self.lease).await?;
-        let outcomes =
-            futures_util::future::join_all(claimed.into_iter().map(|c| self.process(c))).await;
-        outcomes.into_iter().collect()
+            queue::claim(&self.pool, &self.id, self.batch_size as i64, self.lease).await?;
+        self.process_batch(claimed, slot).await
     }
 
     /// Returns expired leases to the queue (or to `dead`); how many were rescued.
@@ -139,65 +149,123 @@ impl Worker {
         Ok(queue::rescue_expired(&self.pool, self.policy.max_attempts as i32).await?)
     }
 
-    async fn process(&self, claimed: queue::Claimed) -> anyhow::Result<AttemptOutcome> {
-        let event = &claimed.event;
-        let handler_name = self
-            .router
-            .route(&event.source, event.event_type.as_deref());
-        let runner = handler_name.and_then(|name| self.handlers.get(name));
+    /// Events whose effects are transactional (sql and library handlers, and
+    /// those with nothing to run) complete together in one transaction, holding
+    /// `slot`; then each external handler runs in a slot of its own.
+    async fn process_batch(
+        &self,
+        claimed: Vec<queue::Claimed>,
+        slot: OwnedSemaphorePermit,
+    ) -> anyhow::Result<Vec<AttemptOutcome>> {
+        let (external, transactional): (Vec<_>, Vec<_>) = claimed
+            .into_iter()
+            .map(|claimed| {
+                let handler = self
+                    .router
+                    .route(&claimed.event.source, claimed.event.event_type.as_deref());
+                Routed { claimed, handler }
+            })
+            .partition(|routed| {
+                !routed.claimed.payload_missing
+                    && matches!(self.runner(routed), Some(Runner::External(_)))
+            });
+        let mut outcomes = Vec::new();
+        if !transactional.is_empty() {
+            outcomes.extend(self.complete_in_one_transaction(transactional).await?);
+        }
+        drop(slot);
+        let external = external
+            .into_iter()
+            .map(|routed| self.complete_external(routed));
+        for outcome in futures_util::future::join_all(external).await {
+            outcomes.push(outcome?);
+        }
+        Ok(outcomes)
+    }
 
-        let started = std::time::Instant::now();
-        // External effects happen outside any transaction (and hold no connection).
-        let external = match runner {
-            Some(Runner::External(handler)) if !claimed.payload_missing => {
-                Some(handler.handle(event).await)
-            }
-            _ => None,
-        };
+    fn runner(&self, routed: &Routed<'_>) -> Option<&Runner> {
+        routed.handler.and_then(|name| self.handlers.get(name))
+    }
 
+    /// One transaction for the whole batch; each handler runs in a savepoint,
+    /// so a failing event rolls back alone while the others' effects commit
+    /// together with their outcomes.
+    async fn complete_in_one_transaction(
+        &self,
+        batch: Vec<Routed<'_>>,
+    ) -> anyhow::Result<Vec<AttemptOutcome>> {
         let mut transaction = self.pool.begin().await?;
-        if !queue::lock_if_lease_held(&mut transaction, event.id, &self.id, event.attempt).await? {
-            tracing::warn!(event_id = %event.id, source = %event.source, "lease lost before the outcome was recorded; nothing committed");
+        let events: Vec<&Event> = batch.iter().map(|r| &r.claimed.event).collect();
+        let held = queue::lock_held(&mut transaction, &self.id, &events).await?;
+        let mut savepoint = Savepoint::default();
+        let mut finished = Vec::with_capacity(batch.len());
+        let mut recorded = Vec::with_capacity(batch.len());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for routed in &batch {
+            let event = &routed.claimed.event;
+            if !held.contains(&event.id) {
+                lease_lost(event);
+                outcomes.push(AttemptOutcome::LeaseLost);
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let attempted = match self.runner(routed) {
+                Some(_) if self.stopping.is_cancelled() || started >= routed.claimed.start_by => {
+                    Attempted::NotStarted
+                }
+                None => Attempted::NoRoute,
+                Some(_) if routed.claimed.payload_missing => Attempted::Ran(Err(payload_pruned())),
+                Some(Runner::External(_)) => {
+                    unreachable!("external handlers complete on their own")
+                }
+                Some(Runner::InTransaction(handler)) => {
+                    savepoint.enter(&mut transaction).await?;
+                    let result = handler.handle(event, &mut transaction).await;
+                    savepoint.leave(&mut transaction, result.is_ok()).await?;
+                    Attempted::Ran(result)
+                }
+            };
+            record_duration(routed.handler, started);
+            let (finish, outcome) = self.decide(routed, attempted);
+            finished.push(finish);
+            recorded.push(event);
+            outcomes.push(outcome);
+        }
+        queue::finish(&mut transaction, &finished).await?;
+        transaction.commit().await?;
+        for (event, finish) in recorded.into_iter().zip(&finished) {
+            log_outcome(event, finish);
+        }
+        Ok(outcomes)
+    }
+
+    /// External effects happen outside any transaction (and hold no
+    /// connection); their outcome is recorded afterwards if the lease still holds.
+    async fn complete_external(&self, routed: Routed<'_>) -> anyhow::Result<AttemptOutcome> {
+        let _slot = self.slots.acquire().await?;
+        let event = &routed.claimed.event;
+        let Some(Runner::External(handler)) = self.runner(&routed) else {
+            unreachable!("only external handlers complete on their own");
+        };
+        let started = std::time::Instant::now();
+        let attempted = if self.stopping.is_cancelled() || started >= routed.claimed.start_by {
+            Attempted::NotStarted
+        } else {
+            Attempted::Ran(handler.handle(event).await)
+        };
+        record_duration(routed.handler, started);
+        let mut transaction = self.pool.begin().await?;
+        if queue::lock_held(&mut transaction, &self.id, &[event])
+            .await?
+            .is_empty()
+        {
+            lease_lost(event);
             return Ok(AttemptOutcome::LeaseLost);
         }
-        let result: Option<Result<(), HandlerError>> = match runner {
-            None => None,
-            Some(_) if claimed.payload_missing => Some(Err(HandlerError::permanent(
-                "payload was pruned; nothing to process",
-            ))),
-            Some(Runner::External(_)) => external,
-            Some(Runner::InTransaction(handler)) => {
-                let mut savepoint = transaction.begin().await?;
-                let result = handler.handle(event, &mut savepoint).await;
-                if result.is_ok() {
-                    savepoint.commit().await?;
-                } else {
-                    savepoint.rollback().await?;
-                }
-                Some(result)
-            }
-        };
-
-        if let Some(name) = handler_name {
-            metrics::histogram!("hookbox_handler_seconds", "handler" => name.to_owned())
-                .record(started.elapsed().as_secs_f64());
-        }
-        let (finish, outcome) = self.decide(event, handler_name, result);
-        queue::finish(&mut transaction, event.id, claimed.attempt_id, &finish).await?;
+        let (finish, outcome) = self.decide(&routed, attempted);
+        queue::finish(&mut transaction, std::slice::from_ref(&finish)).await?;
         transaction.commit().await?;
-        match outcome {
-            AttemptOutcome::Dead => {
-                tracing::warn!(event_id = %event.id, source = %event.source, error = finish.error.as_deref(), "event is dead")
-            }
-            AttemptOutcome::Retry => {
-                tracing::info!(event_id = %event.id, source = %event.source, error = finish.error.as_deref(), "attempt failed; will retry")
-            }
-            _ => {
-                tracing::info!(event_id = %event.id, source = %event.source, outcome = finish.attempt_outcome, "attempt finished")
-            }
-        }
-        metrics::counter!("hookbox_attempts_total", "handler" => handler_name.unwrap_or("").to_owned(), "outcome" => finish.attempt_outcome)
-            .increment(1);
+        log_outcome(event, &finish);
         Ok(outcome)
     }
 
@@ -229,20 +297,31 @@ impl Worker {
     /// The retry decision: data in, outcome out.
     fn decide<'a>(
         &self,
-        event: &Event,
-        handler: Option<&'a str>,
-        result: Option<Result<(), HandlerError>>,
+        routed: &Routed<'a>,
+        attempted: Attempted,
     ) -> (queue::Finish<'a>, AttemptOutcome) {
+        let event = &routed.claimed.event;
         let finish =
             |event_status, attempt_outcome, error: Option<String>, retry_in| queue::Finish {
+                event_id: event.id,
+                attempt_id: routed.claimed.attempt_id,
                 event_status,
                 attempt_outcome,
-                handler,
+                handler: routed.handler,
                 error: error.map(|e| truncate(e, ERROR_LIMIT)),
                 retry_in,
             };
-        match result {
-            None => {
+        match attempted {
+            Attempted::NotStarted => (
+                finish(
+                    "retrying",
+                    "retry",
+                    Some("released: the handler had not started when the worker stopped or the lease ran short".into()),
+                    Some(Duration::ZERO),
+                ),
+                AttemptOutcome::Retry,
+            ),
+            Attempted::NoRoute => {
                 let why = format!(
                     "no route matches source {} and type {}",
                     event.source,
@@ -253,15 +332,15 @@ impl Worker {
                     AttemptOutcome::Skipped,
                 )
             }
-            Some(Ok(())) => (
+            Attempted::Ran(Ok(())) => (
                 finish("succeeded", "succeeded", None, None),
                 AttemptOutcome::Succeeded,
             ),
-            Some(Err(HandlerError::Permanent { message })) => (
+            Attempted::Ran(Err(HandlerError::Permanent { message })) => (
                 finish("dead", "dead", Some(message), None),
                 AttemptOutcome::Dead,
             ),
-            Some(Err(HandlerError::Retryable {
+            Attempted::Ran(Err(HandlerError::Retryable {
                 message,
                 retry_after,
             })) => {
@@ -295,7 +374,7 @@ impl Worker {
         let rescue_every =
             (worker.lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
         let mut next_rescue = tokio::time::Instant::now();
-        let mut tasks: JoinSet<anyhow::Result<AttemptOutcome>> = JoinSet::new();
+        let mut tasks: JoinSet<anyhow::Result<Vec<AttemptOutcome>>> = JoinSet::new();
         tracing::info!(worker_id = %worker.id, concurrency = worker.concurrency, "worker started");
 
         while !shutdown.is_cancelled() {
@@ -313,19 +392,25 @@ impl Worker {
                 worker.record_gauges().await;
                 next_rescue = tokio::time::Instant::now() + rescue_every;
             }
-            let free = worker.concurrency - tasks.len();
             let mut more_may_be_due = false;
-            if free > 0 {
-                match queue::claim(&worker.pool, &worker.id, free as i64, worker.lease).await {
+            // A slot is free only when no claimed event waits for one (the
+            // semaphore serves waiters first), so claims never run far ahead.
+            if let Ok(slot) = worker.slots.clone().try_acquire_owned() {
+                match queue::claim(
+                    &worker.pool,
+                    &worker.id,
+                    worker.batch_size as i64,
+                    worker.lease,
+                )
+                .await
+                {
                     Ok(claimed) => {
-                        more_may_be_due = claimed.len() == free;
+                        more_may_be_due = claimed.len() == worker.batch_size;
                         if !claimed.is_empty() {
                             metrics::histogram!("hookbox_claim_batch_size")
                                 .record(claimed.len() as f64);
-                        }
-                        for item in claimed {
                             let worker = worker.clone();
-                            tasks.spawn(async move { worker.process(item).await });
+                            tasks.spawn(async move { worker.process_batch(claimed, slot).await });
                         }
                     }
                     Err(error) => {
@@ -341,7 +426,7 @@ impl Worker {
             while let Some(done) = tasks.try_join_next() {
                 log_task(done);
             }
-            if more_may_be_due && tasks.len() < worker.concurrency {
+            if more_may_be_due && worker.slots.available_permits() > 0 {
                 continue;
             }
             tokio::select! {
@@ -356,6 +441,7 @@ impl Worker {
             in_flight = tasks.len(),
             "stopping: no more claims; waiting for in-flight work"
         );
+        worker.stopping.cancel();
         let deadline = tokio::time::sleep(worker.grace);
         tokio::pin!(deadline);
         loop {
@@ -385,12 +471,92 @@ impl Worker {
     }
 }
 
-fn log_task(done: Result<anyhow::Result<AttemptOutcome>, tokio::task::JoinError>) {
+/// What became of an event's handler in one attempt.
+enum Attempted {
+    NoRoute,
+    /// Not started: the worker is stopping or the lease is nearly over.
+    NotStarted,
+    Ran(Result<(), HandlerError>),
+}
+
+/// A claimed event and the handler its route names.
+struct Routed<'a> {
+    claimed: queue::Claimed,
+    handler: Option<&'a str>,
+}
+
+/// One savepoint reused through a batch: a success releases it and sets the
+/// next in the same round trip; a failure rolls back to it, which keeps it.
+#[derive(Default)]
+struct Savepoint {
+    open: bool,
+    needs_renewal: bool,
+}
+
+impl Savepoint {
+    async fn enter(&mut self, transaction: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        let statement = match (self.open, self.needs_renewal) {
+            (false, _) => "SAVEPOINT hookbox_event",
+            (true, true) => "RELEASE SAVEPOINT hookbox_event; SAVEPOINT hookbox_event",
+            (true, false) => return Ok(()),
+        };
+        sqlx::Executor::execute(transaction, statement).await?;
+        self.open = true;
+        self.needs_renewal = false;
+        Ok(())
+    }
+
+    async fn leave(
+        &mut self,
+        transaction: &mut sqlx::PgConnection,
+        succeeded: bool,
+    ) -> Result<(), sqlx::Error> {
+        if succeeded {
+            self.needs_renewal = true;
+        } else {
+            sqlx::Executor::execute(transaction, "ROLLBACK TO SAVEPOINT hookbox_event").await?;
+        }
+        Ok(())
+    }
+}
+
+fn payload_pruned() -> HandlerError {
+    HandlerError::permanent("payload was pruned; nothing to process")
+}
+
+fn lease_lost(event: &Event) {
+    tracing::warn!(event_id = %event.id, source = %event.source, "lease lost before the outcome was recorded; nothing committed");
+}
+
+fn record_duration(handler: Option<&str>, started: std::time::Instant) {
+    if let Some(name) = handler {
+        metrics::histogram!("hookbox_handler_seconds", "handler" => name.to_owned())
+            .record(started.elapsed().as_secs_f64());
+    }
+}
+
+fn log_outcome(event: &Event, finish: &queue::Finish<'_>) {
+    match finish.attempt_outcome {
+        "dead" => {
+            tracing::warn!(event_id = %event.id, source = %event.source, error = finish.error.as_deref(), "event is dead")
+        }
+        "retry" => {
+            tracing::info!(event_id = %event.id, source = %event.source, error = finish.error.as_deref(), "attempt failed; will retry")
+        }
+        _ => {
+            tracing::info!(event_id = %event.id, source = %event.source, outcome = finish.attempt_outcome, "attempt finished")
+        }
+    }
+    metrics::counter!("hookbox_attempts_total", "handler" => finish.handler.unwrap_or("").to_owned(), "outcome" => finish.attempt_outcome)
+        .increment(1);
+}
+
+fn log_task(done: Result<anyhow::Result<Vec<AttemptOutcome>>, tokio::task::JoinError>) {
     match done {
         Ok(Ok(_)) => {}
         Ok(Err(error)) => tracing::warn!(
             error = format!("{error:#}"),
-            "attempt not recorded; its lease will expire and it will be retried"
+            "attempts not recorded; their leases will expire and they will be retried"
         ),
         Err(error) if error.is_cancelled() => {}
         Err(error) => tracing::error!(error = %error, "attempt task failed"),

@@ -1,6 +1,6 @@
 //! The worker's SQL: claim, finish, rescue, release. Each is one statement.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -13,6 +13,9 @@ pub struct Claimed {
     pub attempt_id: i64,
     /// NULL payload: pruned before a replay asked for it again.
     pub payload_missing: bool,
+    /// A handler that has not started by then does not start: the lease would
+    /// run out under it.
+    pub start_by: std::time::Instant,
 }
 
 /// Claims up to `limit` due events under a lease, counts the attempt and
@@ -23,6 +26,7 @@ pub async fn claim(
     limit: i64,
     lease: Duration,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
+    let start_by = std::time::Instant::now() + lease.mul_f64(0.9);
     let rows = sqlx::query!(
         r#"
         WITH due AS (
@@ -66,36 +70,42 @@ pub async fn claim(
                 payload_json: row.payload_json,
             },
             attempt_id: row.attempt_id,
+            start_by,
         })
         .collect())
 }
 
-/// Locks the event for its completion transaction if the lease is still this
-/// worker's; `false` means another worker or a rescue has taken it over.
-pub async fn lock_if_lease_held(
+/// Locks, for their completion transaction, the events whose lease is still
+/// this worker's; the others have been taken over by another worker or a rescue.
+pub async fn lock_held(
     conn: &mut PgConnection,
-    event_id: Uuid,
     worker_id: &str,
-    attempt: i32,
-) -> Result<bool, sqlx::Error> {
+    events: &[&Event],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let attempts: Vec<i32> = events.iter().map(|e| e.attempt).collect();
     let held = sqlx::query_scalar!(
         r#"
-        SELECT true AS "held!" FROM inbox_events
-        WHERE id = $1 AND status = 'processing' AND locked_by = $2 AND attempts = $3
-          AND locked_until > now()
-        FOR UPDATE
+        SELECT e.id AS "id!" FROM inbox_events e
+        JOIN unnest($1::uuid[], $2::int4[]) AS c(id, attempt) ON e.id = c.id
+        WHERE e.status = 'processing' AND e.locked_by = $3 AND e.attempts = c.attempt
+          AND e.locked_until > now()
+        ORDER BY e.id
+        FOR UPDATE OF e
         "#,
-        event_id,
+        &ids,
+        &attempts,
         worker_id,
-        attempt,
     )
-    .fetch_optional(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(held.is_some())
+    Ok(held.into_iter().collect())
 }
 
 /// How an attempt ended, as the tables record it.
 pub struct Finish<'a> {
+    pub event_id: Uuid,
+    pub attempt_id: i64,
     pub event_status: &'static str,
     pub attempt_outcome: &'static str,
     pub handler: Option<&'a str>,
@@ -104,36 +114,50 @@ pub struct Finish<'a> {
     pub retry_in: Option<Duration>,
 }
 
-/// Records the outcome on the event and its attempt row (one statement).
-pub async fn finish(
-    conn: &mut PgConnection,
-    event_id: Uuid,
-    attempt_id: i64,
-    finish: &Finish<'_>,
-) -> Result<(), sqlx::Error> {
+/// Records the outcomes on the events and their attempt rows (one statement).
+pub async fn finish(conn: &mut PgConnection, finishes: &[Finish<'_>]) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = finishes.iter().map(|f| f.event_id).collect();
+    let attempt_ids: Vec<i64> = finishes.iter().map(|f| f.attempt_id).collect();
+    let statuses: Vec<&str> = finishes.iter().map(|f| f.event_status).collect();
+    let outcomes: Vec<&str> = finishes.iter().map(|f| f.attempt_outcome).collect();
+    let handlers: Vec<Option<&str>> = finishes.iter().map(|f| f.handler).collect();
+    let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
+    let retry_in: Vec<Option<f64>> = finishes
+        .iter()
+        .map(|f| f.retry_in.map(|d| d.as_secs_f64()))
+        .collect();
     sqlx::query!(
         r#"
-        WITH event AS (
-            UPDATE inbox_events
-            SET status = $2,
-                processed_at = CASE WHEN $2 IN ('succeeded', 'skipped', 'dead') THEN now() END,
-                next_attempt_at = CASE WHEN $5::float8 IS NULL THEN next_attempt_at
-                                       ELSE now() + make_interval(secs => $5::float8) END,
-                last_error = $4, locked_by = NULL, locked_until = NULL
-            WHERE id = $1
-            RETURNING id
+        WITH outcome AS (
+            SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[],
+                                 $6::text[], $7::float8[])
+                     AS o(event_id, attempt_id, event_status, attempt_outcome, handler, error, retry_in)
+        ), at AS (
+            -- The moment each outcome is recorded, shared by its two rows.
+            SELECT clock_timestamp() AS t
+        ), event AS (
+            UPDATE inbox_events e
+            SET status = o.event_status,
+                processed_at = CASE WHEN o.event_status IN ('succeeded', 'skipped', 'dead') THEN at.t END,
+                next_attempt_at = CASE WHEN o.retry_in IS NULL THEN e.next_attempt_at
+                                       ELSE at.t + make_interval(secs => o.retry_in) END,
+                last_error = o.error, locked_by = NULL, locked_until = NULL
+            FROM outcome o, at
+            WHERE e.id = o.event_id
+            RETURNING e.id
         )
-        UPDATE inbox_attempts
-        SET finished_at = now(), outcome = $3, handler = $6, error = $4
-        WHERE id = $7 AND EXISTS (SELECT 1 FROM event)
+        UPDATE inbox_attempts a
+        SET finished_at = at.t, outcome = o.attempt_outcome, handler = o.handler, error = o.error
+        FROM outcome o JOIN event ON event.id = o.event_id, at
+        WHERE a.id = o.attempt_id
         "#,
-        event_id,
-        finish.event_status,
-        finish.attempt_outcome,
-        finish.error.as_deref(),
-        finish.retry_in.map(|d| d.as_secs_f64()),
-        finish.handler,
-        attempt_id,
+        &ids,
+        &attempt_ids,
+        &statuses as &[&str],
+        &outcomes as &[&str],
+        &handlers as &[Option<&str>],
+        &errors as &[Option<&str>],
+        &retry_in as &[Option<f64>],
     )
     .execute(conn)
     .await?;

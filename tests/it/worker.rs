@@ -9,7 +9,7 @@ use std::{
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use hookbox::{
-    store::{self, NewDelivery},
+    store::{self, NewDelivery, Origin},
     worker::{AttemptOutcome, Event, Handler, HandlerError, LibraryHandlers, Worker},
 };
 use sqlx::PgConnection;
@@ -55,21 +55,24 @@ async fn store_event(db: &TestDb, event_type: &str) -> Uuid {
     let body = begini_payload(&unique_uid(), event_type);
     let sha = hookbox::event_key::sha256_hex(&body);
     let delivery = NewDelivery {
-        source: "begini",
-        environment: "sandbox",
-        event_key: &sha,
-        event_type: Some(event_type),
-        payload: &body,
-        payload_json: Some(std::str::from_utf8(&body).unwrap()),
+        source: "begini".into(),
+        environment: "sandbox".into(),
+        event_key: sha.clone(),
+        event_type: Some(event_type.into()),
+        payload_json: Some(String::from_utf8(body.clone()).unwrap()),
+        payload: body,
         headers: serde_json::json!({}),
-        payload_sha256: &sha,
+        payload_sha256: sha,
         remote_addr: None,
-        new_outcome: "accepted",
     };
-    store::ingest(&mut db.pool.acquire().await.unwrap(), &delivery)
-        .await
-        .unwrap()
-        .1
+    store::ingest(
+        &mut db.pool.acquire().await.unwrap(),
+        &delivery,
+        Origin::Http,
+    )
+    .await
+    .unwrap()
+    .1
 }
 
 async fn status_of(db: &TestDb, id: Uuid) -> String {
@@ -104,6 +107,66 @@ async fn drive_until_finished(setup: &Setup, id: Uuid) -> String {
 }
 
 const ROUTE_ALL_TO: &str = "[[route]]\nsource = \"begini\"\nhandler = \"h\"\n";
+
+#[tokio::test]
+async fn a_failing_event_in_a_batch_rolls_back_alone_while_the_rest_commit_together() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
+         statement = \"INSERT INTO side_effects (event_id, attempt, kind) VALUES ($3, $6, $2)\"\n"
+    ))
+    .await;
+    sqlx::query("ALTER TABLE side_effects ADD COLUMN kind text CHECK (kind <> 'bad.type')")
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for event_type in [
+        "good.one",
+        "good.two",
+        "bad.type",
+        "good.three",
+        "good.four",
+    ] {
+        ids.push(store_event(&setup.db, event_type).await);
+    }
+
+    let outcomes = setup.worker.process_next().await.unwrap();
+
+    assert_eq!(outcomes.len(), 5, "one claim took the whole batch");
+    let mut statuses = Vec::new();
+    for id in &ids {
+        statuses.push(status_of(&setup.db, *id).await);
+    }
+    assert_eq!(
+        statuses,
+        ["succeeded", "succeeded", "dead", "succeeded", "succeeded"]
+    );
+    let effects: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM side_effects")
+        .fetch_all(&setup.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(effects.len(), 4);
+    assert!(
+        !effects.contains(&ids[2]),
+        "the failed event left no effect"
+    );
+    let transactions: i64 = sqlx::query_scalar(
+        // now() is the transaction's start: one value, one transaction.
+        "SELECT count(DISTINCT at) FROM side_effects",
+    )
+    .fetch_one(&setup.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        transactions, 1,
+        "the batch's effects committed in one transaction"
+    );
+    assert_eq!(
+        attempt_outcomes(&setup.db, ids[2]).await,
+        ["dead"],
+        "the failure is recorded on its own event"
+    );
+}
 
 #[tokio::test]
 async fn a_sql_handler_effect_its_status_and_its_attempt_commit_together() {
@@ -560,7 +623,7 @@ async fn exactly_once_holds_while_workers_are_killed_at_random() {
         .await
         .unwrap();
     let worker_text = format!(
-        "{BEGINI_CONFIG}\n[worker]\nadmin_listen = \"\"\nconcurrency = 8\nlease = \"2s\"\npoll_interval = \"200ms\"\nshutdown_grace = \"5s\"\n\
+        "{BEGINI_CONFIG}\n[worker]\nadmin_listen = \"\"\nconcurrency = 8\nbatch_size = 5\nlease = \"2s\"\npoll_interval = \"200ms\"\nshutdown_grace = \"5s\"\n\
          retry = {{ max_attempts = 100, initial = \"100ms\", max = \"1s\", multiplier = 2.0, jitter = 0.2 }}\n\
          {ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
          statement = \"INSERT INTO side_effects (event_id, attempt) SELECT $3, $6 FROM pg_sleep(0.05)\"\n"
@@ -691,7 +754,7 @@ async fn exactly_once_holds_while_workers_are_killed_at_random() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_claiming_lets_work_finish_and_exits_zero() {
+async fn sigterm_stops_claiming_finishes_the_running_handler_and_releases_the_rest_of_its_batch() {
     let app = TestApp::begini().await;
     sqlx::query(SIDE_EFFECTS)
         .execute(&app.db.pool)
@@ -705,7 +768,7 @@ async fn sigterm_stops_claiming_lets_work_finish_and_exits_zero() {
         .await;
     }
     let text = format!(
-        "{BEGINI_CONFIG}\n[worker]\nadmin_listen = \"\"\nconcurrency = 4\nlease = \"30s\"\npoll_interval = \"200ms\"\nshutdown_grace = \"10s\"\n\
+        "{BEGINI_CONFIG}\n[worker]\nadmin_listen = \"\"\nconcurrency = 2\nbatch_size = 10\nlease = \"30s\"\npoll_interval = \"200ms\"\nshutdown_grace = \"10s\"\n\
          {ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id) SELECT $3 FROM pg_sleep(0.3)\"\n"
     );
     let url = app.db.url.clone();
@@ -750,6 +813,17 @@ async fn sigterm_stops_claiming_lets_work_finish_and_exits_zero() {
         .await
             > 0,
         "claiming stopped"
+    );
+    // The rest of a claimed batch does not start once SIGTERM arrives: it is
+    // handed back in the same commit as the work that finished.
+    assert!(
+        scalar(
+            &app.db,
+            "SELECT count(*) FROM inbox_attempts WHERE outcome = 'retry' AND error LIKE 'released:%'"
+        )
+        .await
+            > 0,
+        "the unstarted part of a batch was released"
     );
     assert_eq!(
         scalar(&app.db, "SELECT count(*) FROM side_effects").await,

@@ -1,0 +1,199 @@
+//! Group commit: concurrent deliveries share a transaction, each answered only
+//! after it commits; duplicates inside a batch, a refused row and a full queue.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use hookbox::{
+    event_key::sha256_hex,
+    store::{self, IngestOutcome, NewDelivery, Origin},
+};
+
+use crate::support::*;
+
+fn begini_with(receiver: &str) -> String {
+    BEGINI_CONFIG.replace("[receiver]\n", &format!("[receiver]\n{receiver}\n"))
+}
+
+async fn spawn_begini_with(receiver: &str) -> TestApp {
+    TestApp::spawn(&begini_with(receiver), &[("BEGINI_API_KEY", BEGINI_KEY)]).await
+}
+
+/// One gathering window long enough for every concurrent request to join.
+const ONE_BATCH: &str = "batch_committers = 1\nbatch_max_wait = \"300ms\"";
+
+#[tokio::test]
+async fn concurrent_deliveries_of_one_event_share_a_batch_and_store_it_once() {
+    let app = spawn_begini_with(ONE_BATCH).await;
+    let body = begini_payload(&unique_uid(), "psychometric_score.complete");
+
+    let answers = join_all((0..24).map(|_| app.post_signed("begini", &body))).await;
+
+    let mut statuses: Vec<&str> = answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a.status, 200);
+            a.body["status"].as_str().unwrap()
+        })
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses[0], "accepted");
+    assert_eq!(statuses[1..], ["duplicate"; 23]);
+    let event_ids: std::collections::HashSet<_> = answers.iter().map(|a| a.event_id()).collect();
+    assert_eq!(
+        event_ids.len(),
+        1,
+        "every answer names the one stored event"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM inbox_events").await, 1);
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM inbox_deliveries WHERE outcome IN ('accepted', 'duplicate')"
+        )
+        .await,
+        24
+    );
+    assert!(
+        app.count(
+            "SELECT max(n) FROM (SELECT count(*) AS n FROM inbox_deliveries GROUP BY xmin::text) t"
+        )
+        .await
+            > 1,
+        "deliveries were committed together"
+    );
+}
+
+#[tokio::test]
+async fn a_key_repeated_within_one_batch_is_stored_once_then_duplicate_then_conflict() {
+    let db = database().await;
+    let delivery = |key: &str, body: &[u8]| NewDelivery {
+        source: "begini".into(),
+        environment: "sandbox".into(),
+        event_key: key.into(),
+        event_type: None,
+        payload_json: None,
+        payload: body.to_vec(),
+        headers: serde_json::json!({}),
+        payload_sha256: sha256_hex(body),
+        remote_addr: None,
+    };
+    let batch = [
+        delivery("k1", b"first"),
+        delivery("k2", b"other"),
+        delivery("k1", b"first"),
+        delivery("k1", b"changed"),
+    ];
+
+    let mut connection = db.pool.acquire().await.unwrap();
+    let outcomes = store::ingest_batch(&mut connection, &batch, Origin::Http)
+        .await
+        .unwrap();
+
+    let kinds: Vec<IngestOutcome> = outcomes.iter().map(|(kind, _)| *kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            IngestOutcome::Stored,
+            IngestOutcome::Stored,
+            IngestOutcome::Duplicate,
+            IngestOutcome::Conflict
+        ]
+    );
+    assert_eq!(outcomes[0].1, outcomes[2].1);
+    assert_eq!(outcomes[0].1, outcomes[3].1);
+    let stored: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT event_key, payload FROM inbox_events ORDER BY event_key")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        [
+            ("k1".into(), b"first".to_vec()),
+            ("k2".into(), b"other".to_vec())
+        ],
+        "the first delivery of a key is the one stored"
+    );
+    let rows: Vec<String> = sqlx::query_scalar("SELECT outcome FROM inbox_deliveries ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, ["accepted", "accepted", "duplicate", "conflict"]);
+}
+
+#[tokio::test]
+async fn a_row_the_database_refuses_fails_only_its_own_request() {
+    let app = spawn_begini_with(ONE_BATCH).await;
+    let bodies: Vec<Vec<u8>> = (0..12)
+        .map(|_| begini_payload(&unique_uid(), "psychometric_score.complete"))
+        .collect();
+    let refused = sha256_hex(&bodies[5]);
+    sqlx::query(&format!(
+        "ALTER TABLE inbox_events ADD CONSTRAINT refuse_one CHECK (payload_sha256 <> '{refused}')"
+    ))
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+
+    let answers = join_all(bodies.iter().map(|body| app.post_signed("begini", body))).await;
+
+    for (i, answer) in answers.iter().enumerate() {
+        if i == 5 {
+            assert_eq!(answer.status, 503);
+            assert_eq!(
+                answer.body,
+                serde_json::json!({ "detail": "Service Unavailable" })
+            );
+        } else {
+            assert_eq!(answer.status, 200, "delivery {i}");
+            assert_eq!(answer.body["status"], "accepted");
+        }
+    }
+    assert_eq!(app.count("SELECT count(*) FROM inbox_events").await, 11);
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM inbox_events WHERE payload_sha256 = '{refused}'"
+        ))
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_at_once_instead_of_growing() {
+    let app =
+        spawn_begini_with("batch_committers = 1\nbatch_max_size = 1\nqueue_capacity = 2").await;
+    // The one committer blocks on this lock, so the queue fills.
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE inbox_deliveries IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    let bodies: Vec<Vec<u8>> = (0..10)
+        .map(|_| begini_payload(&unique_uid(), "psychometric_score.complete"))
+        .collect();
+    let sending = join_all(bodies.iter().map(|body| app.post_signed("begini", body)));
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        blocker.rollback().await.unwrap();
+    };
+    let (answers, ()) = tokio::join!(sending, release);
+
+    let refused: Vec<_> = answers.iter().filter(|a| a.status == 503).collect();
+    let accepted = answers.iter().filter(|a| a.status == 200).count();
+    assert_eq!(refused.len() + accepted, 10, "only 200 or 503");
+    assert!(
+        refused.len() >= 5,
+        "at most one committing and two queued; {} refused",
+        refused.len()
+    );
+    for answer in refused {
+        assert!(answer.headers.contains_key("retry-after"));
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox_events").await,
+        accepted as i64,
+        "every 200 is stored, nothing else is"
+    );
+}
