@@ -7,6 +7,9 @@
 # (c) worker drain of 200,000 stored events through a sql handler inserting a row each
 # (d) end-to-end latency, 200 -> handler start, at 1,000 events/s offered
 # (e) peak RSS of the receiver and the worker
+# PROFILE=1 also samples the whole machine with perf during (b) and (c) and
+# prints each process's share of the CPU and the hottest symbols.
+# pg_stat_statements is loaded, so the drain prints what each statement costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
@@ -31,7 +34,7 @@ cleanup() {
 trap cleanup EXIT
 as_pg "$pg_bin/initdb" -U postgres --auth=trust -E UTF8 --locale=C -D "$pgdata" >/dev/null
 as_pg "$pg_bin/pg_ctl" start -w -D "$pgdata" -l "$pgdata/log" \
-    -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300" >/dev/null
+    -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_preload_libraries=pg_stat_statements" >/dev/null
 export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 export BEGINI_API_KEY=bench-key RUST_LOG=warn PGOPTIONS="-c client_min_messages=warning"
 psql() { command psql -q -X -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
@@ -61,8 +64,25 @@ statement = "INSERT INTO side_effects (event_id) VALUES (\$3)"
 TOML
 export HOOKBOX_CONFIG=$work/hookbox.toml
 "$bin/hookbox" migrate >/dev/null
+psql -c "CREATE EXTENSION pg_stat_statements"
 psql -c "CREATE TABLE side_effects (event_id uuid NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
-reset() { psql -c "TRUNCATE inbox_events, inbox_deliveries, inbox_attempts, side_effects CASCADE"; }
+# Each phase starts from empty tables and a checkpoint, so one phase's writes
+# are not flushed during the next.
+reset() { psql -c "TRUNCATE inbox_events, inbox_deliveries, inbox_attempts, side_effects CASCADE" -c "CHECKPOINT"; }
+# profile NAME SECONDS: samples every process for SECONDS in the background.
+profile() {
+    [ -n "${PROFILE:-}" ] || return 0
+    (sleep 3; perf record -a -g -o "$work/$1.perf" -- sleep "$2" >/dev/null 2>&1) &
+    profiler=$!
+}
+profile_report() {
+    [ -n "${PROFILE:-}" ] || return 0
+    wait "$profiler"
+    echo "  profile ($1): CPU share by process"
+    perf report -i "$work/$1.perf" --sort comm --stdio --no-children -g none 2>/dev/null | grep -E '^ +[0-9]' | awk 'NR <= 6 {print "    " $0}'
+    echo "  profile ($1): hottest symbols"
+    perf report -i "$work/$1.perf" --sort comm,sym --stdio --no-children -g none 2>/dev/null | grep -E '^ +[0-9]' | awk 'NR <= 12 {print "    " $0}'
+}
 peak_rss() { awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' "/proc/$1/status"; }
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $("$pg_bin/postgres" --version)"
@@ -90,18 +110,28 @@ echo "== (b) receiver ingest: hookbox loadtest, 64 connections, ${seconds}s"
 reset
 "$bin/hookbox-receiver" 2>/dev/null & receiver=$!
 sleep 1
+profile ingest 10
 "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
     --connections 64 --duration "${seconds}s" | sed 's/^/  /'
 echo "  receiver peak RSS: $(peak_rss "$receiver")"
+profile_report ingest
 
-echo "== (d) end to end at 1,000 events/s: 200 -> handler start (database clock)"
+echo "== (d) end to end at 1,000 events/s: the 200 -> the handler runs"
 reset
 "$bin/hookbox-worker" 2>/dev/null & worker=$!
 sleep 1
 "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
-    --connections 32 --rate 1000 --duration "${seconds}s" | sed 's/^/  /'
+    --connections 32 --rate 1000 --duration "${seconds}s" --acks "$work/acks.csv" | sed 's/^/  /'
 sleep 3
-psql -At -c "SELECT format('  stored -> started (ms): p50 %s  p99 %s  max %s  (%s events)',
+# The loadtest's clock and the database's are this machine's one clock.
+psql -c "CREATE TABLE acks (event_id uuid, at_us bigint)" -c "\\copy acks FROM '$work/acks.csv' CSV"
+psql -At -c "SELECT format('  200 -> handler ran (ms): p50 %s  p90 %s  p99 %s  max %s  (%s events)',
+        round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(percentile_cont(0.9) WITHIN GROUP (ORDER BY ms)::numeric, 2),
+        round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(max(ms)::numeric, 2), count(*))
+    FROM (SELECT (extract(epoch FROM s.at) * 1e6 - k.at_us) / 1000 AS ms
+          FROM acks k JOIN side_effects s USING (event_id)) gaps"
+psql -c "DROP TABLE acks"
+psql -At -c "SELECT format('  stored (statement start) -> claimed (ms): p50 %s  p99 %s  max %s  (%s events)',
         round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2),
         round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(max(ms)::numeric, 2), count(*))
     FROM (SELECT extract(epoch FROM a.started_at - e.received_at)::float8 * 1000 AS ms
@@ -114,10 +144,18 @@ psql -c "INSERT INTO inbox_events (id, source, environment, event_key, event_typ
          SELECT gen_random_uuid(), 'begini', 'sandbox', 'k' || g, 'psychometric_score.complete', convert_to(p, 'UTF8'), p::jsonb, '{}', md5(p)
          FROM generate_series(1, $events) g, LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"psychometric_score.complete\"}}', g) AS p) x"
 psql -c "VACUUM ANALYZE inbox_events"
+psql -At -c "SELECT pg_stat_statements_reset()" >/dev/null
 start=$(date +%s.%N)
 "$bin/hookbox-worker" 2>/dev/null & worker=$!
-while [ "$(psql -At -c "SELECT count(*) FROM inbox_events WHERE status <> 'succeeded'")" != 0 ]; do sleep 0.5; done
+profile drain 5
+while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.2; done
 end=$(date +%s.%N)
 echo "  drained $events events in $(python3 -c "print(f'{$end - $start:.1f}')")s: $(python3 -c "print(f'{$events / ($end - $start):.0f}')") events/s"
 echo "  side effects: $(psql -At -c "SELECT count(*) || ' rows, ' || count(DISTINCT event_id) || ' distinct' FROM side_effects")"
 echo "  worker peak RSS: $(peak_rss "$worker")"
+echo "  database time per drained event, by statement (pg_stat_statements):"
+psql -At -c "SELECT format('    %s us/event  %s calls  %s', round((total_exec_time * 1000 / $events)::numeric, 1), calls,
+                           left(regexp_replace(query, '\s+', ' ', 'g'), 70))
+             FROM pg_stat_statements WHERE query !~* 'pg_stat_statements|EXISTS \(SELECT 1 FROM inbox_events'
+             ORDER BY total_exec_time DESC LIMIT 6"
+profile_report drain

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use clap::Args;
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -41,6 +42,10 @@ pub struct LoadtestArgs {
     /// Machine-readable report.
     #[arg(long)]
     pub json: bool,
+    /// Write `event_id,acknowledged_at_unix_micros` for every 200 to this CSV
+    /// file, to measure what happens after the acknowledgement.
+    #[arg(long, value_name = "PATH")]
+    pub acks: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +72,8 @@ struct Shared {
     statuses: BTreeMap<String, u64>,
     /// Recent bodies, to repeat as duplicates.
     sent: Vec<Vec<u8>>,
+    /// (event id, wall-clock microseconds) of each 200, when `--acks` asks.
+    acks: Option<Vec<(String, i64)>>,
 }
 
 pub async fn run(common: &CommonArgs, args: LoadtestArgs) -> anyhow::Result<ExitCode> {
@@ -85,6 +92,7 @@ pub async fn run(common: &CommonArgs, args: LoadtestArgs) -> anyhow::Result<Exit
         histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
         statuses: BTreeMap::new(),
         sent: Vec::new(),
+        acks: args.acks.as_ref().map(|_| Vec::new()),
     }));
     let started = Instant::now();
     let deadline = started + args.duration.0;
@@ -132,10 +140,21 @@ pub async fn run(common: &CommonArgs, args: LoadtestArgs) -> anyhow::Result<Exit
                         Ok(response) => response.status().as_u16().to_string(),
                         Err(_) => "error".to_owned(),
                     };
+                    let mut acknowledged = None;
                     if let Ok(response) = outcome {
-                        let _ = response.bytes().await;
+                        let ok = response.status().is_success();
+                        let body = response.bytes().await.unwrap_or_default();
+                        if ok {
+                            let at = chrono::Utc::now().timestamp_micros();
+                            acknowledged = serde_json::from_slice::<serde_json::Value>(&body)
+                                .ok()
+                                .and_then(|v| v["event_id"].as_str().map(|id| (id.to_owned(), at)));
+                        }
                     }
                     let mut shared = shared.lock().expect("not poisoned");
+                    if let (Some(acks), Some(ack)) = (shared.acks.as_mut(), acknowledged) {
+                        acks.push(ack);
+                    }
                     let _ = shared.histogram.record(took.as_micros().max(1) as u64);
                     *shared.statuses.entry(status).or_default() += 1;
                 }
@@ -147,6 +166,10 @@ pub async fn run(common: &CommonArgs, args: LoadtestArgs) -> anyhow::Result<Exit
     }
     let seconds = started.elapsed().as_secs_f64();
     let shared = shared.lock().expect("not poisoned");
+    if let (Some(path), Some(acks)) = (&args.acks, &shared.acks) {
+        let lines: String = acks.iter().map(|(id, at)| format!("{id},{at}\n")).collect();
+        std::fs::write(path, lines).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let h = &shared.histogram;
     let ms = |us: u64| us as f64 / 1000.0;
     let report = Report {

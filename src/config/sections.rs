@@ -120,7 +120,7 @@ impl Default for WorkerSection {
         Self {
             admin_listen: "127.0.0.1:9091".into(),
             concurrency: 16,
-            batch_size: 100,
+            batch_size: 500,
             lease: HumanDuration::from_secs(300),
             poll_interval: HumanDuration::from_secs(1),
             shutdown_grace: HumanDuration::from_secs(30),

@@ -83,22 +83,30 @@ pub async fn lock_held(
     events: &[&Event],
 ) -> Result<HashSet<Uuid>, sqlx::Error> {
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-    let attempts: Vec<i32> = events.iter().map(|e| e.attempt).collect();
-    let held = sqlx::query_scalar!(
+    // Only `id = ANY` filters, so the plan stays on the primary key: with the
+    // lease conditions in WHERE the planner may walk the lease index, which
+    // holds every recently claimed event. The conditions are read instead.
+    let rows = sqlx::query!(
         r#"
-        SELECT e.id AS "id!" FROM inbox_events e
-        JOIN unnest($1::uuid[], $2::int4[]) AS c(id, attempt) ON e.id = c.id
-        WHERE e.status = 'processing' AND e.locked_by = $3 AND e.attempts = c.attempt
-          AND e.locked_until > now()
-        ORDER BY e.id
-        FOR UPDATE OF e
+        SELECT id, attempts,
+               (status = 'processing' AND locked_by IS NOT DISTINCT FROM $2
+                AND locked_until > now()) AS "lease_held!"
+        FROM inbox_events
+        WHERE id = ANY($1)
+        ORDER BY id
+        FOR NO KEY UPDATE
         "#,
         &ids,
-        &attempts,
         worker_id,
     )
     .fetch_all(conn)
     .await?;
+    let held = rows.into_iter().filter_map(|row| {
+        let this_attempt = events
+            .iter()
+            .any(|e| e.id == row.id && e.attempt == row.attempts);
+        (row.lease_held && this_attempt).then_some(row.id)
+    });
     Ok(held.into_iter().collect())
 }
 
