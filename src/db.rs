@@ -26,6 +26,18 @@ pub struct PoolSettings {
     pub application_name: &'static str,
 }
 
+/// The database refused the data itself (SQLSTATE class 22, a data exception,
+/// or 23, an integrity constraint), rather than being unreachable, slow or
+/// interrupted: the same rows fail the same way every time.
+pub fn refuses_the_data(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+        _ => false,
+    }
+}
+
 /// A pool that connects lazily: processes start while the database is down and
 /// work as soon as it answers.
 pub fn pool(url: &str, settings: &PoolSettings) -> anyhow::Result<PgPool> {

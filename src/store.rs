@@ -68,11 +68,25 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The database refused the data itself (a constraint, an invalid value),
-    /// rather than being unreachable or slow: retrying the same rows fails again.
+    /// See [`crate::db::refuses_the_data`]: retrying the same rows fails again.
     pub fn is_refusal_of_data(&self) -> bool {
-        matches!(self, Self::Database(sqlx::Error::Database(_)))
+        matches!(self, Self::Database(error) if crate::db::refuses_the_data(error))
     }
+}
+
+/// Limits the rest of the current transaction's statements to `limit`.
+pub async fn set_local_statement_timeout(
+    conn: &mut PgConnection,
+    limit: std::time::Duration,
+) -> Result<(), StoreError> {
+    let milliseconds = limit.as_millis().max(1).to_string();
+    sqlx::query!(
+        "SELECT set_config('statement_timeout', $1, true)",
+        milliseconds
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(())
 }
 
 /// Stores one delivery; see [`ingest_batch`].

@@ -114,7 +114,8 @@ async fn accept(
             .into());
         }
     }
-    let body = read_body(request, body, state.max_body_bytes, state.request_timeout).await?;
+    let deadline = tokio::time::Instant::now() + state.request_timeout;
+    let body = read_body(request, body, state.max_body_bytes, deadline).await?;
     let payload_sha256 = sha256_hex(&body);
     let refuse = |error: DeliveryError| Refusal {
         error,
@@ -166,10 +167,11 @@ async fn accept(
         remote_addr: client,
     };
     let started = std::time::Instant::now();
-    let (outcome, event_id) =
-        with_deadline(state.request_timeout, state.group_commit.store(delivery))
-            .await
-            .map_err(|e| refuse(DeliveryError::Unavailable(e)))?;
+    let (outcome, event_id) = state
+        .group_commit
+        .store(delivery, deadline)
+        .await
+        .map_err(|e| refuse(DeliveryError::Unavailable(e.into())))?;
     metrics::histogram!("hookbox_ingest_seconds", "source" => source.name.clone())
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("hookbox_deliveries_total", "source" => source.name.clone(), "outcome" => outcome.as_str()).increment(1);
@@ -192,7 +194,7 @@ async fn read_body(
     request: &HttpRequest,
     mut body: web::Payload,
     limit: usize,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<web::Bytes, DeliveryError> {
     let declared = request
         .headers()
@@ -213,7 +215,7 @@ async fn read_body(
         }
         Ok(bytes.freeze())
     };
-    tokio::time::timeout(timeout, read)
+    tokio::time::timeout_at(deadline, read)
         .await
         .map_err(|_| DeliveryError::BodyTimeout)?
 }

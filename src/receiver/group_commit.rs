@@ -6,11 +6,25 @@
 //! memory). A collector takes what is queued as soon as a committer is free,
 //! up to `max_batch` deliveries, waiting at most `max_wait` for more; while
 //! every committer is busy, requests gather into the next batch by themselves.
+//!
+//! A 503 means "nothing stored", so a request gives up at its deadline only
+//! while it is still queued. Once taken into a batch it waits for the batch's
+//! outcome, and the batch's statements are limited to the earliest deadline
+//! among its requests: the answer is late by at most a commit, never wrong.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
-use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use sqlx::{Acquire, PgPool};
+use tokio::{
+    sync::{mpsc, oneshot, Semaphore},
+    time::Instant,
+};
 
 use crate::store::{self, IngestOutcome, NewDelivery, Origin, StoreError};
 use uuid::Uuid;
@@ -24,12 +38,17 @@ pub struct GroupCommitSettings {
     pub committers: usize,
     /// Deliveries waiting for a batch; beyond this, 503.
     pub queue_capacity: usize,
+    /// The limit every statement of the pool already has; a batch whose
+    /// earliest deadline is nearer sets a tighter one for itself.
+    pub statement_timeout: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum CommitError {
     #[error("{0} deliveries are already waiting to be committed")]
     QueueFull(usize),
+    #[error("the delivery's deadline passed before it could be committed")]
+    DeadlinePassed,
     #[error("the batch holding this delivery was not committed")]
     BatchFailed(#[source] Arc<StoreError>),
     #[error("the receiver is stopping")]
@@ -41,6 +60,20 @@ type Reply = oneshot::Sender<Result<(IngestOutcome, Uuid), CommitError>>;
 struct Waiting {
     delivery: NewDelivery,
     reply: Reply,
+    deadline: Instant,
+    state: Arc<AtomicU8>,
+}
+
+// A waiting request's state: the collector and the request race to move it
+// out of QUEUED, and exactly one of them wins.
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
+
+fn move_from_queued(state: &AtomicU8, to: u8) -> bool {
+    state
+        .compare_exchange(QUEUED, to, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
 }
 
 /// The requests' side: hands a delivery over and waits for its commit.
@@ -60,10 +93,22 @@ impl GroupCommit {
         Self { queue, capacity }
     }
 
-    pub async fn store(&self, delivery: NewDelivery) -> Result<(IngestOutcome, Uuid), CommitError> {
-        let (reply, answer) = oneshot::channel();
+    /// Stores `delivery` in the next batch. Past `deadline` it gives up if its
+    /// batch has not started; a batch that has started is waited for.
+    pub async fn store(
+        &self,
+        delivery: NewDelivery,
+        deadline: Instant,
+    ) -> Result<(IngestOutcome, Uuid), CommitError> {
+        let (reply, mut answer) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(QUEUED));
         self.queue
-            .try_send(Waiting { delivery, reply })
+            .try_send(Waiting {
+                delivery,
+                reply,
+                deadline,
+                state: state.clone(),
+            })
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => {
                     metrics::counter!("hookbox_ingest_queue_full_total").increment(1);
@@ -71,7 +116,14 @@ impl GroupCommit {
                 }
                 mpsc::error::TrySendError::Closed(_) => CommitError::Stopped,
             })?;
-        answer.await.unwrap_or(Err(CommitError::Stopped))
+        let answer = match tokio::time::timeout_at(deadline, &mut answer).await {
+            Ok(answer) => answer,
+            Err(_) if move_from_queued(&state, ABANDONED) => {
+                return Err(CommitError::DeadlinePassed)
+            }
+            Err(_) => answer.await,
+        };
+        answer.unwrap_or(Err(CommitError::Stopped))
     }
 }
 
@@ -101,25 +153,35 @@ async fn collect(pool: PgPool, settings: GroupCommitSettings, mut queue: mpsc::R
         }
         // A request that gave up (its client left, or its deadline passed) is
         // not stored: nobody would learn that it was.
-        batch.retain(|waiting| !waiting.reply.is_closed());
+        batch.retain(|waiting| {
+            !waiting.reply.is_closed() && move_from_queued(&waiting.state, TAKEN)
+        });
         if batch.is_empty() {
             continue;
         }
         let pool = pool.clone();
+        let statement_timeout = settings.statement_timeout;
         tokio::spawn(async move {
-            commit(&pool, batch).await;
+            commit(&pool, batch, statement_timeout).await;
             drop(committer);
         });
     }
 }
 
-async fn commit(pool: &PgPool, batch: Vec<Waiting>) {
+async fn commit(pool: &PgPool, batch: Vec<Waiting>, statement_timeout: Duration) {
     metrics::histogram!("hookbox_ingest_batch_size").record(batch.len() as f64);
+    let Some(deadline) = batch.iter().map(|waiting| waiting.deadline).min() else {
+        return;
+    };
+    let limits = Limits {
+        deadline,
+        statement_timeout,
+    };
     let (deliveries, replies): (Vec<NewDelivery>, Vec<Reply>) = batch
         .into_iter()
         .map(|waiting| (waiting.delivery, waiting.reply))
         .unzip();
-    match store_all(pool, &deliveries).await {
+    match store_all(pool, &deliveries, limits).await {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));
@@ -127,33 +189,67 @@ async fn commit(pool: &PgPool, batch: Vec<Waiting>) {
         }
         // The database refused some row of the batch: store each delivery on
         // its own so that only the offending one fails.
-        Err(error) if error.is_refusal_of_data() && deliveries.len() > 1 => {
+        Err(CommitError::BatchFailed(error))
+            if error.is_refusal_of_data() && deliveries.len() > 1 =>
+        {
             tracing::warn!(
                 batch = deliveries.len(),
-                error = format!("{:#}", anyhow::Error::new(error)),
+                error = format!("{:#}", anyhow::Error::new(CommitError::BatchFailed(error))),
                 "a batch was refused; storing its deliveries one by one"
             );
             for (delivery, reply) in deliveries.iter().zip(replies) {
-                let result = store_all(pool, std::slice::from_ref(delivery))
+                let result = store_all(pool, std::slice::from_ref(delivery), limits)
                     .await
-                    .map(|mut outcomes| outcomes.remove(0))
-                    .map_err(|e| CommitError::BatchFailed(Arc::new(e)));
+                    .map(|mut outcomes| outcomes.remove(0));
                 let _ = reply.send(result);
             }
         }
         Err(error) => {
-            let error = Arc::new(error);
             for reply in replies {
-                let _ = reply.send(Err(CommitError::BatchFailed(error.clone())));
+                let _ = reply.send(Err(error.clone()));
             }
         }
     }
 }
 
+/// How long a batch's statements may take.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// The earliest deadline among the batch's requests.
+    deadline: Instant,
+    statement_timeout: Duration,
+}
+
+/// Below this, a batch is not started: it could not finish in time.
+const SHORTEST_BUDGET: Duration = Duration::from_millis(5);
+
 async fn store_all(
     pool: &PgPool,
     deliveries: &[NewDelivery],
-) -> Result<Vec<(IngestOutcome, Uuid)>, StoreError> {
-    let mut connection = pool.acquire().await?;
-    store::ingest_batch(&mut connection, deliveries, Origin::Http).await
+    limits: Limits,
+) -> Result<Vec<(IngestOutcome, Uuid)>, CommitError> {
+    let failed = |error: StoreError| CommitError::BatchFailed(Arc::new(error));
+    let mut connection = tokio::time::timeout_at(limits.deadline, pool.acquire())
+        .await
+        .map_err(|_| CommitError::DeadlinePassed)?
+        .map_err(|error| failed(error.into()))?;
+    let budget = limits.deadline.saturating_duration_since(Instant::now());
+    if budget < SHORTEST_BUDGET {
+        return Err(CommitError::DeadlinePassed);
+    }
+    if budget >= limits.statement_timeout {
+        return store::ingest_batch(&mut connection, deliveries, Origin::Http)
+            .await
+            .map_err(failed);
+    }
+    // Rare (the queue was slow): one transaction, so the tighter limit
+    // applies to this batch's statements only.
+    let stored = async {
+        let mut transaction = connection.begin().await?;
+        store::set_local_statement_timeout(&mut transaction, budget).await?;
+        let outcomes = store::ingest_batch(&mut transaction, deliveries, Origin::Http).await?;
+        transaction.commit().await?;
+        Ok(outcomes)
+    };
+    stored.await.map_err(failed)
 }

@@ -80,6 +80,9 @@ impl ReceiverState {
             max_wait: config.receiver.batch_max_wait.0,
             committers,
             queue_capacity: config.receiver.queue_capacity,
+            statement_timeout: pool_settings(config)
+                .statement_timeout
+                .unwrap_or(config.receiver.request_timeout.0),
         };
         Self {
             group_commit: group_commit::GroupCommit::start(pool.clone(), settings),

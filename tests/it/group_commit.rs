@@ -197,3 +197,58 @@ async fn a_full_queue_answers_503_at_once_instead_of_growing() {
         "every 200 is stored, nothing else is"
     );
 }
+
+#[tokio::test]
+async fn a_503_means_nothing_was_stored_even_when_the_database_recovers_mid_batch() {
+    // request_timeout is 2s (statements 1.6s): the first batch times out on the
+    // lock, the next starts close to its requests' deadlines, and the lock goes
+    // away after those deadlines but before 1.6s more have passed.
+    let app =
+        spawn_begini_with("batch_committers = 1\nbatch_max_size = 8\nbatch_max_wait = \"0ms\"")
+            .await;
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE inbox_events IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    let bodies: Vec<Vec<u8>> = (0..70)
+        .map(|_| begini_payload(&unique_uid(), "psychometric_score.complete"))
+        .collect();
+    let app = &app;
+    let sending = join_all(bodies.iter().enumerate().map(|(i, body)| async move {
+        tokio::time::sleep(Duration::from_millis(50 * i as u64)).await;
+        app.post_signed("begini", body).await
+    }));
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        blocker.rollback().await.unwrap();
+    };
+    let (answers, ()) = tokio::join!(sending, release);
+
+    let stored: std::collections::HashMap<String, uuid::Uuid> =
+        sqlx::query_as::<_, (String, uuid::Uuid)>("SELECT payload_sha256, id FROM inbox_events")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    for (body, answer) in bodies.iter().zip(&answers) {
+        let sha = sha256_hex(body);
+        match answer.status {
+            200 => assert_eq!(stored.get(&sha), Some(&answer.event_id())),
+            503 => assert_eq!(stored.get(&sha), None, "a 503 was stored anyway"),
+            other => panic!("only 200 or 503, got {other}"),
+        }
+    }
+    let accepted = answers.iter().filter(|a| a.status == 200).count();
+    assert!(
+        accepted > 0 && accepted < answers.len(),
+        "both answers seen"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox_deliveries").await,
+        accepted as i64,
+        "a 503 leaves no delivery row"
+    );
+}

@@ -82,7 +82,7 @@ fn classify(error: sqlx::Error) -> HandlerError {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default().to_string();
             let message = format!("SQL error {code}: {}", db.message());
-            if code.starts_with("22") || code.starts_with("23") {
+            if crate::db::refuses_the_data(&error) {
                 HandlerError::permanent(message)
             } else {
                 HandlerError::retryable(message)
