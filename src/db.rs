@@ -5,7 +5,7 @@ use std::{str::FromStr, time::Duration};
 use anyhow::Context;
 use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
-    PgPool,
+    Connection, PgPool,
 };
 
 mod embedded {
@@ -38,6 +38,9 @@ pub fn refuses_the_data(error: &sqlx::Error) -> bool {
     }
 }
 
+/// A pooled connection idle this long is tested before it is handed out.
+const TEST_CONNECTIONS_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// A pool that connects lazily: processes start while the database is down and
 /// work as soon as it answers.
 pub fn pool(url: &str, settings: &PoolSettings) -> anyhow::Result<PgPool> {
@@ -51,8 +54,19 @@ pub fn pool(url: &str, settings: &PoolSettings) -> anyhow::Result<PgPool> {
         .max_connections(settings.max_connections)
         .min_connections(0)
         .acquire_timeout(settings.acquire_timeout)
-        // A connection broken by a database restart is found and replaced.
-        .test_before_acquire(true)
+        // A connection broken by a database restart is found and replaced
+        // before use. Only one that sat idle is tested: under load every
+        // statement would otherwise pay a second round trip, and a restart
+        // takes longer than this anyway.
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= TEST_CONNECTIONS_IDLE_FOR {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options))
 }
 
