@@ -187,12 +187,56 @@ impl Worker {
         routed.handler.and_then(|name| self.handlers.get(name))
     }
 
-    /// One transaction for the whole batch; each handler runs in a savepoint,
-    /// so a failing event rolls back alone while the others' effects commit
-    /// together with their outcomes.
+    /// One transaction for the whole batch. Handlers usually succeed, so the
+    /// batch first runs without savepoints and takes its events' row locks at
+    /// the end, with the outcomes; if a handler fails or a lease turns out to
+    /// be lost, that transaction is rolled back (nothing of it survives) and
+    /// the batch runs again the careful way.
     async fn complete_in_one_transaction(
         &self,
         batch: Vec<Routed<'_>>,
+    ) -> anyhow::Result<Vec<AttemptOutcome>> {
+        match self.complete_optimistically(&batch).await? {
+            Some(outcomes) => Ok(outcomes),
+            None => self.complete_carefully(&batch).await,
+        }
+    }
+
+    /// `None` if the batch needs the careful way; its transaction is rolled back.
+    async fn complete_optimistically(
+        &self,
+        batch: &[Routed<'_>],
+    ) -> anyhow::Result<Option<Vec<AttemptOutcome>>> {
+        let mut transaction = self.pool.begin().await?;
+        let mut finished = Vec::with_capacity(batch.len());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for routed in batch {
+            let attempted = self.attempt_in(routed, &mut transaction, None).await?;
+            if matches!(attempted, Attempted::Ran(Err(_))) {
+                transaction.rollback().await?;
+                return Ok(None);
+            }
+            let (finish, outcome) = self.decide(routed, attempted);
+            finished.push(finish);
+            outcomes.push(outcome);
+        }
+        if queue::finish(&mut transaction, &self.id, &finished).await? < finished.len() {
+            transaction.rollback().await?;
+            return Ok(None);
+        }
+        transaction.commit().await?;
+        for (routed, finish) in batch.iter().zip(&finished) {
+            log_outcome(&routed.claimed.event, finish);
+        }
+        Ok(Some(outcomes))
+    }
+
+    /// Locks the batch's events first, skipping those whose lease was lost;
+    /// each handler runs in a savepoint, so a failing event rolls back alone
+    /// while the others' effects commit together with their outcomes.
+    async fn complete_carefully(
+        &self,
+        batch: &[Routed<'_>],
     ) -> anyhow::Result<Vec<AttemptOutcome>> {
         let mut transaction = self.pool.begin().await?;
         let events: Vec<&Event> = batch.iter().map(|r| &r.claimed.event).collect();
@@ -201,42 +245,58 @@ impl Worker {
         let mut finished = Vec::with_capacity(batch.len());
         let mut recorded = Vec::with_capacity(batch.len());
         let mut outcomes = Vec::with_capacity(batch.len());
-        for routed in &batch {
+        for routed in batch {
             let event = &routed.claimed.event;
             if !held.contains(&event.id) {
                 lease_lost(event);
                 outcomes.push(AttemptOutcome::LeaseLost);
                 continue;
             }
-            let started = std::time::Instant::now();
-            let attempted = match self.runner(routed) {
-                Some(_) if self.stopping.is_cancelled() || started >= routed.claimed.start_by => {
-                    Attempted::NotStarted
-                }
-                None => Attempted::NoRoute,
-                Some(_) if routed.claimed.payload_missing => Attempted::Ran(Err(payload_pruned())),
-                Some(Runner::External(_)) => {
-                    unreachable!("external handlers complete on their own")
-                }
-                Some(Runner::InTransaction(handler)) => {
-                    savepoint.enter(&mut transaction).await?;
-                    let result = handler.handle(event, &mut transaction).await;
-                    savepoint.leave(&mut transaction, result.is_ok()).await?;
-                    Attempted::Ran(result)
-                }
-            };
-            record_duration(routed.handler, started);
+            let attempted = self
+                .attempt_in(routed, &mut transaction, Some(&mut savepoint))
+                .await?;
             let (finish, outcome) = self.decide(routed, attempted);
             finished.push(finish);
             recorded.push(event);
             outcomes.push(outcome);
         }
-        queue::finish(&mut transaction, &finished).await?;
+        queue::finish(&mut transaction, &self.id, &finished).await?;
         transaction.commit().await?;
         for (event, finish) in recorded.into_iter().zip(&finished) {
             log_outcome(event, finish);
         }
         Ok(outcomes)
+    }
+
+    /// Runs one event's handler in `transaction`, inside `savepoint` if given.
+    async fn attempt_in(
+        &self,
+        routed: &Routed<'_>,
+        transaction: &mut sqlx::PgConnection,
+        savepoint: Option<&mut Savepoint>,
+    ) -> Result<Attempted, sqlx::Error> {
+        let started = std::time::Instant::now();
+        let attempted = match self.runner(routed) {
+            Some(_) if self.stopping.is_cancelled() || started >= routed.claimed.start_by => {
+                Attempted::NotStarted
+            }
+            None => Attempted::NoRoute,
+            Some(_) if routed.claimed.payload_missing => Attempted::PayloadPruned,
+            Some(Runner::External(_)) => {
+                unreachable!("external handlers complete on their own")
+            }
+            Some(Runner::InTransaction(handler)) => match savepoint {
+                Some(savepoint) => {
+                    savepoint.enter(transaction).await?;
+                    let result = handler.handle(&routed.claimed.event, transaction).await;
+                    savepoint.leave(transaction, result.is_ok()).await?;
+                    Attempted::Ran(result)
+                }
+                None => Attempted::Ran(handler.handle(&routed.claimed.event, transaction).await),
+            },
+        };
+        record_duration(routed.handler, started);
+        Ok(attempted)
     }
 
     /// External effects happen outside any transaction (and hold no
@@ -263,7 +323,7 @@ impl Worker {
             return Ok(AttemptOutcome::LeaseLost);
         }
         let (finish, outcome) = self.decide(&routed, attempted);
-        queue::finish(&mut transaction, std::slice::from_ref(&finish)).await?;
+        queue::finish(&mut transaction, &self.id, std::slice::from_ref(&finish)).await?;
         transaction.commit().await?;
         log_outcome(event, &finish);
         Ok(outcome)
@@ -304,6 +364,7 @@ impl Worker {
         let finish =
             |event_status, attempt_outcome, error: Option<String>, retry_in| queue::Finish {
                 event_id: event.id,
+                attempt: event.attempt,
                 attempt_id: routed.claimed.attempt_id,
                 event_status,
                 attempt_outcome,
@@ -332,6 +393,10 @@ impl Worker {
                     AttemptOutcome::Skipped,
                 )
             }
+            Attempted::PayloadPruned => (
+                finish("dead", "dead", Some(PAYLOAD_PRUNED.into()), None),
+                AttemptOutcome::Dead,
+            ),
             Attempted::Ran(Ok(())) => (
                 finish("succeeded", "succeeded", None, None),
                 AttemptOutcome::Succeeded,
@@ -371,27 +436,11 @@ impl Worker {
         let worker = Arc::new(self);
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(listen(worker.pool.clone(), wake.clone(), shutdown.clone()));
-        let rescue_every =
-            (worker.lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
-        let mut next_rescue = tokio::time::Instant::now();
+        let housekeeping = tokio::spawn(housekeeping(worker.clone(), shutdown.clone()));
         let mut tasks: JoinSet<anyhow::Result<Vec<AttemptOutcome>>> = JoinSet::new();
         tracing::info!(worker_id = %worker.id, concurrency = worker.concurrency, "worker started");
 
         while !shutdown.is_cancelled() {
-            if tokio::time::Instant::now() >= next_rescue {
-                match worker.rescue_expired_leases().await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        metrics::counter!("hookbox_lease_rescues_total").increment(n);
-                        tracing::warn!(rescued = n, "expired leases rescued");
-                    }
-                    Err(error) => {
-                        tracing::warn!(error = format!("{error:#}"), "lease rescue failed")
-                    }
-                }
-                worker.record_gauges().await;
-                next_rescue = tokio::time::Instant::now() + rescue_every;
-            }
             let mut more_may_be_due = false;
             // A slot is free only when no claimed event waits for one (the
             // semaphore serves waiters first), so claims never run far ahead.
@@ -466,6 +515,7 @@ impl Worker {
             }
         }
         listener.abort();
+        housekeeping.abort();
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -474,6 +524,8 @@ impl Worker {
 /// What became of an event's handler in one attempt.
 enum Attempted {
     NoRoute,
+    /// The payload was pruned before a replay asked for the event again.
+    PayloadPruned,
     /// Not started: the worker is stopping or the lease is nearly over.
     NotStarted,
     Ran(Result<(), HandlerError>),
@@ -520,9 +572,7 @@ impl Savepoint {
     }
 }
 
-fn payload_pruned() -> HandlerError {
-    HandlerError::permanent("payload was pruned; nothing to process")
-}
+const PAYLOAD_PRUNED: &str = "payload was pruned; nothing to process";
 
 fn lease_lost(event: &Event) {
     tracing::warn!(event_id = %event.id, source = %event.source, "lease lost before the outcome was recorded; nothing committed");
@@ -565,6 +615,27 @@ fn log_task(done: Result<anyhow::Result<Vec<AttemptOutcome>>, tokio::task::JoinE
 
 /// Wakes the claim loop on every notification; reconnects after a database
 /// restart (polling covers the gap).
+/// Lease rescue and the queue gauges, on their own task: a slow count over a
+/// large table never holds up claiming.
+async fn housekeeping(worker: Arc<Worker>, shutdown: CancellationToken) {
+    let every = (worker.lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        match worker.rescue_expired_leases().await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("hookbox_lease_rescues_total").increment(n);
+                tracing::warn!(rescued = n, "expired leases rescued");
+            }
+            Err(error) => tracing::warn!(error = format!("{error:#}"), "lease rescue failed"),
+        }
+        worker.record_gauges().await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let connected = async {

@@ -113,6 +113,8 @@ pub async fn lock_held(
 /// How an attempt ended, as the tables record it.
 pub struct Finish<'a> {
     pub event_id: Uuid,
+    /// The attempt's number (the event's `attempts` when it was claimed).
+    pub attempt: i32,
     pub attempt_id: i64,
     pub event_status: &'static str,
     pub attempt_outcome: &'static str,
@@ -122,9 +124,18 @@ pub struct Finish<'a> {
     pub retry_in: Option<Duration>,
 }
 
-/// Records the outcomes on the events and their attempt rows (one statement).
-pub async fn finish(conn: &mut PgConnection, finishes: &[Finish<'_>]) -> Result<(), sqlx::Error> {
+/// Records the outcomes on the events and their attempt rows (one statement),
+/// for the events this worker still holds in this attempt; returns how many
+/// that was. The row locks it takes are held until the transaction ends, so a
+/// count equal to `finishes.len()` means no other worker or rescue can take
+/// any of them before the commit.
+pub async fn finish(
+    conn: &mut PgConnection,
+    worker_id: &str,
+    finishes: &[Finish<'_>],
+) -> Result<usize, sqlx::Error> {
     let ids: Vec<Uuid> = finishes.iter().map(|f| f.event_id).collect();
+    let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
     let attempt_ids: Vec<i64> = finishes.iter().map(|f| f.attempt_id).collect();
     let statuses: Vec<&str> = finishes.iter().map(|f| f.event_status).collect();
     let outcomes: Vec<&str> = finishes.iter().map(|f| f.attempt_outcome).collect();
@@ -134,12 +145,12 @@ pub async fn finish(conn: &mut PgConnection, finishes: &[Finish<'_>]) -> Result<
         .iter()
         .map(|f| f.retry_in.map(|d| d.as_secs_f64()))
         .collect();
-    sqlx::query!(
+    let result = sqlx::query!(
         r#"
         WITH outcome AS (
             SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[], $7::float8[])
-                     AS o(event_id, attempt_id, event_status, attempt_outcome, handler, error, retry_in)
+                                 $6::text[], $7::float8[], $8::int4[])
+                     AS o(event_id, attempt_id, event_status, attempt_outcome, handler, error, retry_in, attempt)
         ), at AS (
             -- The moment each outcome is recorded, shared by its two rows.
             SELECT clock_timestamp() AS t
@@ -151,7 +162,13 @@ pub async fn finish(conn: &mut PgConnection, finishes: &[Finish<'_>]) -> Result<
                                        ELSE at.t + make_interval(secs => o.retry_in) END,
                 last_error = o.error, locked_by = NULL, locked_until = NULL
             FROM outcome o, at
+            -- The lease conditions sit inside CASE so that the plan stays on
+            -- the primary key: written plainly they match the lease index's
+            -- predicate, and the planner walks that index (every recently
+            -- finished event, until vacuum) instead.
             WHERE e.id = o.event_id
+              AND CASE WHEN e.status = 'processing' AND e.locked_by = $9 AND e.attempts = o.attempt
+                       THEN true ELSE false END
             RETURNING e.id
         )
         UPDATE inbox_attempts a
@@ -166,10 +183,12 @@ pub async fn finish(conn: &mut PgConnection, finishes: &[Finish<'_>]) -> Result<
         &handlers as &[Option<&str>],
         &errors as &[Option<&str>],
         &retry_in as &[Option<f64>],
+        &attempts,
+        worker_id,
     )
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(result.rows_affected() as usize)
 }
 
 /// Expired leases: the worker died or hung. The event becomes due again, or

@@ -36,6 +36,16 @@ async fn setup(extra: &str) -> Setup {
 }
 
 async fn setup_with(extra: &str, library: LibraryHandlers) -> Setup {
+    setup_from(&worker_config(extra), library).await
+}
+
+/// Like `setup`, with leases this long.
+async fn setup_with_lease(extra: &str, lease: &str) -> Setup {
+    let text = worker_config(extra).replace("lease = \"30s\"", &format!("lease = \"{lease}\""));
+    setup_from(&text, LibraryHandlers::default()).await
+}
+
+async fn setup_from(text: &str, library: LibraryHandlers) -> Setup {
     let db = database().await;
     sqlx::query(SIDE_EFFECTS).execute(&db.pool).await.unwrap();
     let env = [
@@ -45,7 +55,7 @@ async fn setup_with(extra: &str, library: LibraryHandlers) -> Setup {
             "whsec_c2VjcmV0LWtleS1mb3ItZG93bnN0cmVhbQ==",
         ),
     ];
-    let config = config(&worker_config(extra), &env);
+    let config = config(text, &env);
     let pool = hookbox::db::pool(&db.url, &hookbox::worker::pool_settings(&config)).unwrap();
     let worker = Worker::from_config(&config, pool, library).unwrap();
     Setup { db, worker }
@@ -312,27 +322,24 @@ async fn an_event_no_route_matches_is_skipped_with_an_attempt_saying_so() {
     assert!(error.unwrap().contains("no route matches"));
 }
 
-/// A transactional handler holds the event's row from the lease check to its
-/// commit, so rescue cannot take it mid-statement. The lease can be lost only
-/// before the completion transaction: by an external handler that overran it.
+/// The lease is lost when a handler runs longer than it and a rescue hands the
+/// event on: then the late worker records nothing.
 #[tokio::test]
 async fn a_worker_that_overran_its_lease_records_nothing_and_the_rescue_does() {
-    let db = database().await;
     let dir = tempfile::tempdir().unwrap();
     let runs = dir.path().join("runs");
     let script = format!(
         "if [ \"$HOOKBOX_ATTEMPT\" = 1 ]; then sleep 1.5; fi; echo \"$HOOKBOX_ATTEMPT\" >> '{}'",
         runs.display()
     );
-    let text = worker_config(&format!(
-        "{ROUTE_ALL_TO}[handler.h]\nkind = \"exec\"\ncommand = [\"sh\", \"-c\", {}]\n",
-        toml::Value::String(script)
-    ))
-    .replace("lease = \"30s\"", "lease = \"1s\"");
-    let config = config(&text, &[("BEGINI_API_KEY", BEGINI_KEY)]);
-    let pool = hookbox::db::pool(&db.url, &hookbox::worker::pool_settings(&config)).unwrap();
-    let worker = Worker::from_config(&config, pool, LibraryHandlers::default()).unwrap();
-    let setup = Setup { db, worker };
+    let setup = setup_with_lease(
+        &format!(
+            "{ROUTE_ALL_TO}[handler.h]\nkind = \"exec\"\ncommand = [\"sh\", \"-c\", {}]\n",
+            toml::Value::String(script)
+        ),
+        "1s",
+    )
+    .await;
     let id = store_event(&setup.db, "application.complete").await;
 
     let outcomes = setup.worker.process_next().await.unwrap();
@@ -354,6 +361,45 @@ async fn a_worker_that_overran_its_lease_records_nothing_and_the_rescue_does() {
         "1\n2\n",
         "at-least-once, with the attempt visible"
     );
+}
+
+/// A sql handler runs before its event's row is locked (the lock comes with
+/// the outcome): if it overruns the lease and a rescue hands the event on, its
+/// effect is rolled back and the next attempt's is the only one.
+#[tokio::test]
+async fn a_sql_handler_that_overran_its_lease_leaves_no_effect_and_the_next_attempt_does() {
+    let setup = setup_with_lease(
+        &format!(
+            "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id, attempt) \
+             SELECT $3, $6 FROM pg_sleep(CASE WHEN $6 = 1 THEN 1.5 ELSE 0 END)\"\n"
+        ),
+        "1s",
+    )
+    .await;
+    let id = store_event(&setup.db, "application.complete").await;
+
+    let late = setup.worker.process_next();
+    let rescue = async {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        setup.worker.rescue_expired_leases().await.unwrap()
+    };
+    let (outcomes, rescued) = tokio::join!(late, rescue);
+    assert_eq!(rescued, 1, "the rescue took the event mid-handler");
+    assert_eq!(outcomes.unwrap(), [AttemptOutcome::LeaseLost]);
+    assert_eq!(status_of(&setup.db, id).await, "retrying");
+
+    assert_eq!(drive_until_finished(&setup, id).await, "succeeded");
+    assert_eq!(
+        attempt_outcomes(&setup.db, id).await,
+        ["lease_expired", "succeeded"]
+    );
+    let effects: Vec<i32> =
+        sqlx::query_scalar("SELECT attempt FROM side_effects WHERE event_id = $1")
+            .bind(id)
+            .fetch_all(&setup.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(effects, [2], "only the second attempt's effect exists");
 }
 
 #[tokio::test]
