@@ -7,12 +7,14 @@
 # (c) worker drain of 200,000 stored events through a sql handler inserting a row each
 # (d) end-to-end latency, 200 -> handler start, at 1,000 events/s offered
 # (e) peak RSS of the receiver and the worker
-# PROFILE=1 also samples the whole machine with perf during (b) and (c) and
+# PROFILE=1 also samples the whole machine with perf during (b), (c) and (d) and
 # prints each process's share of the CPU and the hottest symbols.
-# pg_stat_statements is loaded, so the drain prints what each statement costs.
+# PHASES=d (any of a, b, c, d; default abdc) runs only those phases.
+# pg_stat_statements is loaded, so (c) and (d) print what each statement costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
+phases=${PHASES:-abdc}
 events=${EVENTS:-200000}    # (c)'s backlog
 cargo build --release --bins --quiet
 bin=$PWD/target/release
@@ -83,6 +85,16 @@ profile_report() {
     echo "  profile ($1): hottest symbols"
     perf report -i "$work/$1.perf" --sort comm,sym --stdio --no-children -g none 2>/dev/null | grep -E '^ +[0-9]' | awk 'NR <= 12 {print "    " $0}'
 }
+# statement_costs PER: the costliest statements since the last reset, per PER
+# (the events they served).
+statement_costs() {
+    psql -At -c "SELECT format('    %s us/event  %s us/call  %s calls  %s', round((total_exec_time * 1000 / $1)::numeric, 1),
+                               round((mean_exec_time * 1000)::numeric, 1), calls, left(regexp_replace(query, '\s+', ' ', 'g'), 60))
+                 FROM pg_stat_statements WHERE query !~* 'pg_stat_statements|EXISTS \(SELECT 1 FROM inbox_events'
+                 ORDER BY total_exec_time DESC LIMIT 8"
+}
+phase() { [[ $phases == *$1* ]]; }
+start_receiver() { [ -n "${receiver:-}" ] || { "$bin/hookbox-receiver" 2>/dev/null & receiver=$!; sleep 1; }; }
 peak_rss() { awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' "/proc/$1/status"; }
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $("$pg_bin/postgres" --version)"
@@ -99,27 +111,32 @@ INSERT INTO inbox_deliveries (source, remote_addr, outcome, payload_sha256, stat
 VALUES ('begini', '127.0.0.1', 'accepted', md5(random()::text), 200);
 COMMIT;
 SQL
-for clients in 16 64; do
+phase a && for clients in 16 64; do
     reset
     tps=$(as_pg "$pg_bin/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -c "$clients" -j 2 -T "$seconds" -f "$work/naive.sql" postgres 2>/dev/null \
         | awk '/^tps/ {print $3; exit}')
     echo "pgbench $clients clients: $tps events/s"
 done
 
+if phase b; then
 echo "== (b) receiver ingest: hookbox loadtest, 64 connections, ${seconds}s"
 reset
-"$bin/hookbox-receiver" 2>/dev/null & receiver=$!
-sleep 1
+start_receiver
 profile ingest 10
 "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
     --connections 64 --duration "${seconds}s" | sed 's/^/  /'
 echo "  receiver peak RSS: $(peak_rss "$receiver")"
 profile_report ingest
+fi
 
+if phase d; then
 echo "== (d) end to end at 1,000 events/s: the 200 -> the handler runs"
 reset
+start_receiver
+psql -At -c "SELECT pg_stat_statements_reset()" >/dev/null
 "$bin/hookbox-worker" 2>/dev/null & worker=$!
 sleep 1
+profile e2e 10
 "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
     --connections 32 --rate 1000 --duration "${seconds}s" --acks "$work/acks.csv" | sed 's/^/  /'
 sleep 3
@@ -130,14 +147,24 @@ psql -At -c "SELECT format('  200 -> handler ran (ms): p50 %s  p90 %s  p99 %s  m
         round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(max(ms)::numeric, 2), count(*))
     FROM (SELECT (extract(epoch FROM s.at) * 1e6 - k.at_us) / 1000 AS ms
           FROM acks k JOIN side_effects s USING (event_id)) gaps"
+# By 5-s window of the run, to tell a steady cost from one that grows.
+psql -At -c "SELECT '  by 5-s window, p50/p99 (ms): ' || string_agg(format('%s/%s', round(p50::numeric, 1), round(p99::numeric, 1)), '  ' ORDER BY w)
+    FROM (SELECT w, percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50, percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99
+          FROM (SELECT (k.at_us - min(k.at_us) OVER ()) / 5000000 AS w, (extract(epoch FROM s.at) * 1e6 - k.at_us) / 1000 AS ms
+                FROM acks k JOIN side_effects s USING (event_id)) g GROUP BY w) x"
 psql -c "DROP TABLE acks"
 psql -At -c "SELECT format('  stored (statement start) -> claimed (ms): p50 %s  p99 %s  max %s  (%s events)',
         round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2),
         round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(max(ms)::numeric, 2), count(*))
     FROM (SELECT extract(epoch FROM a.started_at - e.received_at)::float8 * 1000 AS ms
           FROM inbox_events e JOIN inbox_attempts a ON a.event_id = e.id AND a.attempt = 1) gaps"
+echo "  database time per event, by statement (pg_stat_statements):"
+statement_costs "$((seconds * 1000))"
 kill "$worker"; wait "$worker" 2>/dev/null || true
+profile_report e2e
+fi
 
+if phase c; then
 echo "== (c) worker drain: $events stored events through a sql handler"
 reset
 psql -c "INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256)
@@ -154,8 +181,6 @@ echo "  drained $events events in $(python3 -c "print(f'{$end - $start:.1f}')")s
 echo "  side effects: $(psql -At -c "SELECT count(*) || ' rows, ' || count(DISTINCT event_id) || ' distinct' FROM side_effects")"
 echo "  worker peak RSS: $(peak_rss "$worker")"
 echo "  database time per drained event, by statement (pg_stat_statements):"
-psql -At -c "SELECT format('    %s us/event  %s calls  %s', round((total_exec_time * 1000 / $events)::numeric, 1), calls,
-                           left(regexp_replace(query, '\s+', ' ', 'g'), 70))
-             FROM pg_stat_statements WHERE query !~* 'pg_stat_statements|EXISTS \(SELECT 1 FROM inbox_events'
-             ORDER BY total_exec_time DESC LIMIT 6"
+statement_costs "$events"
 profile_report drain
+fi
