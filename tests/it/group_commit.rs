@@ -19,6 +19,27 @@ async fn spawn_begini_with(receiver: &str) -> TestApp {
     TestApp::spawn(&begini_with(receiver), &[("BEGINI_API_KEY", BEGINI_KEY)]).await
 }
 
+/// Every write to `table` waits until the returned transaction ends.
+async fn block_writes_to(app: &TestApp, table: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+async fn release_after(blocker: sqlx::Transaction<'static, sqlx::Postgres>, wait: Duration) {
+    tokio::time::sleep(wait).await;
+    blocker.rollback().await.unwrap();
+}
+
+fn fresh_bodies(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|_| begini_payload(&unique_uid(), "psychometric_score.complete"))
+        .collect()
+}
+
 /// One gathering window long enough for every concurrent request to join.
 const ONE_BATCH: &str = "batch_committers = 1\nbatch_max_wait = \"300ms\"";
 
@@ -124,9 +145,7 @@ async fn a_key_repeated_within_one_batch_is_stored_once_then_duplicate_then_conf
 #[tokio::test]
 async fn a_row_the_database_refuses_fails_only_its_own_request() {
     let app = spawn_begini_with(ONE_BATCH).await;
-    let bodies: Vec<Vec<u8>> = (0..12)
-        .map(|_| begini_payload(&unique_uid(), "psychometric_score.complete"))
-        .collect();
+    let bodies = fresh_bodies(12);
     let refused = sha256_hex(&bodies[5]);
     sqlx::query(&format!(
         "ALTER TABLE inbox_events ADD CONSTRAINT refuse_one CHECK (payload_sha256 <> '{refused}')"
@@ -164,20 +183,11 @@ async fn a_full_queue_answers_503_at_once_instead_of_growing() {
     let app =
         spawn_begini_with("batch_committers = 1\nbatch_max_size = 1\nqueue_capacity = 2").await;
     // The one committer blocks on this lock, so the queue fills.
-    let mut blocker = app.db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE inbox_deliveries IN EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = block_writes_to(&app, "inbox_deliveries").await;
 
-    let bodies: Vec<Vec<u8>> = (0..10)
-        .map(|_| begini_payload(&unique_uid(), "psychometric_score.complete"))
-        .collect();
+    let bodies = fresh_bodies(10);
     let sending = join_all(bodies.iter().map(|body| app.post_signed("begini", body)));
-    let release = async {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        blocker.rollback().await.unwrap();
-    };
+    let release = release_after(blocker, Duration::from_millis(700));
     let (answers, ()) = tokio::join!(sending, release);
 
     let refused: Vec<_> = answers.iter().filter(|a| a.status == 503).collect();
@@ -206,24 +216,15 @@ async fn a_503_means_nothing_was_stored_even_when_the_database_recovers_mid_batc
     let app =
         spawn_begini_with("batch_committers = 1\nbatch_max_size = 8\nbatch_max_wait = \"0ms\"")
             .await;
-    let mut blocker = app.db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE inbox_events IN EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = block_writes_to(&app, "inbox_events").await;
 
-    let bodies: Vec<Vec<u8>> = (0..70)
-        .map(|_| begini_payload(&unique_uid(), "psychometric_score.complete"))
-        .collect();
+    let bodies = fresh_bodies(70);
     let app = &app;
     let sending = join_all(bodies.iter().enumerate().map(|(i, body)| async move {
         tokio::time::sleep(Duration::from_millis(50 * i as u64)).await;
         app.post_signed("begini", body).await
     }));
-    let release = async {
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        blocker.rollback().await.unwrap();
-    };
+    let release = release_after(blocker, Duration::from_millis(2500));
     let (answers, ()) = tokio::join!(sending, release);
 
     let stored: std::collections::HashMap<String, uuid::Uuid> =
