@@ -183,6 +183,11 @@ impl Worker {
         Ok(outcomes)
     }
 
+    /// A handler starts only while the worker runs and the lease has time left.
+    fn may_start(&self, claimed: &queue::Claimed, now: std::time::Instant) -> bool {
+        !self.stopping.is_cancelled() && now < claimed.start_by
+    }
+
     fn runner(&self, routed: &Routed<'_>) -> Option<&Runner> {
         routed.handler.and_then(|name| self.handlers.get(name))
     }
@@ -277,9 +282,7 @@ impl Worker {
     ) -> Result<Attempted, sqlx::Error> {
         let started = std::time::Instant::now();
         let attempted = match self.runner(routed) {
-            Some(_) if self.stopping.is_cancelled() || started >= routed.claimed.start_by => {
-                Attempted::NotStarted
-            }
+            Some(_) if !self.may_start(&routed.claimed, started) => Attempted::NotStarted,
             None => Attempted::NoRoute,
             Some(_) if routed.claimed.payload_missing => Attempted::PayloadPruned,
             Some(Runner::External(_)) => {
@@ -308,7 +311,7 @@ impl Worker {
             unreachable!("only external handlers complete on their own");
         };
         let started = std::time::Instant::now();
-        let attempted = if self.stopping.is_cancelled() || started >= routed.claimed.start_by {
+        let attempted = if !self.may_start(&routed.claimed, started) {
             Attempted::NotStarted
         } else {
             Attempted::Ran(handler.handle(event).await)
@@ -613,8 +616,6 @@ fn log_task(done: Result<anyhow::Result<Vec<AttemptOutcome>>, tokio::task::JoinE
     }
 }
 
-/// Wakes the claim loop on every notification; reconnects after a database
-/// restart (polling covers the gap).
 /// Lease rescue and the queue gauges, on their own task: a slow count over a
 /// large table never holds up claiming.
 async fn housekeeping(worker: Arc<Worker>, shutdown: CancellationToken) {
@@ -636,6 +637,8 @@ async fn housekeeping(worker: Arc<Worker>, shutdown: CancellationToken) {
     }
 }
 
+/// Wakes the claim loop on every notification; reconnects after a database
+/// restart (polling covers the gap).
 async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let connected = async {
