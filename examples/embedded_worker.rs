@@ -16,12 +16,7 @@
 //!
 //! Run with `cargo run --example embedded_worker -- path/to/hookbox.toml`.
 
-use async_trait::async_trait;
-use hookbox::{
-    config::Config,
-    db,
-    worker::{self, Event, Handler, HandlerError, LibraryHandlers, Worker},
-};
+use hookbox::{async_trait, db, Config, Event, Handler, HandlerError, LibraryHandlers, Worker};
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
@@ -58,11 +53,12 @@ async fn main() -> anyhow::Result<()> {
         .nth(1)
         .unwrap_or_else(|| "hookbox.toml".into());
     let config = Config::load(path.as_ref())?;
-    let pool = db::pool(&config.database_url()?, &worker::pool_settings(&config))?;
+    let pool = db::pool(&config.database_url()?, &db::PoolSettings::worker(&config))?;
     let handlers = LibraryHandlers::default().with("record_score", RecordScore);
     let worker = Worker::from_config(&config, pool, handlers)?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(hookbox::shutdown_on_signal(shutdown.clone()));
-    worker.run(shutdown).await
+    worker.run(shutdown).await?;
+    Ok(())
 }

@@ -48,15 +48,17 @@ statement = "SELECT $3"
 "#;
     let env: BTreeMap<String, String> = [("KEY".to_string(), KEY.to_string())].into();
     let config = Config::parse(text, Path::new("bench.toml"), &env)?;
-    let app =
-        receiver::Application::build(&config, db::pool(&url, &receiver::pool_settings(&config))?)
-            .await?;
+    let app = receiver::Application::build(
+        &config,
+        db::pool(&url, &db::PoolSettings::receiver(&config))?,
+    )
+    .await?;
     let port = app.port();
     tokio::spawn(app.run_until_stopped());
     let shutdown = CancellationToken::new();
     let worker = worker::Worker::from_config(
         &config,
-        db::pool(&url, &worker::pool_settings(&config))?,
+        db::pool(&url, &db::PoolSettings::worker(&config))?,
         Default::default(),
     )?;
     let running = tokio::spawn(worker.run(shutdown.clone()));

@@ -63,9 +63,11 @@ async fn main() -> anyhow::Result<()> {
 
     let env: BTreeMap<String, String> = [("BEGINI_API_KEY".to_string(), KEY.to_string())].into();
     let config = Config::parse(CONFIG, Path::new("bench.toml"), &env)?;
-    let app =
-        receiver::Application::build(&config, db::pool(&url, &receiver::pool_settings(&config))?)
-            .await?;
+    let app = receiver::Application::build(
+        &config,
+        db::pool(&url, &db::PoolSettings::receiver(&config))?,
+    )
+    .await?;
     let endpoint = format!("http://127.0.0.1:{}/webhooks/begini", app.port());
     tokio::spawn(app.run_until_stopped());
     let source = config.source("begini").expect("configured").clone();

@@ -42,12 +42,6 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-impl From<HumanDuration> for Duration {
-    fn from(value: HumanDuration) -> Self {
-        value.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use serde::{de, Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 
-use crate::signature::HeaderLookup;
+use crate::headers::HeaderLookup;
 
 /// How a source derives the key that makes an event unique within it.
 #[derive(Clone, Debug, PartialEq, Eq)]

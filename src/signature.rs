@@ -9,7 +9,7 @@ use serde::Deserialize;
 use sha2::{Sha256, Sha512};
 use subtle::ConstantTimeEq;
 
-use crate::secret::Secret;
+use crate::{headers::HeaderLookup, secret::Secret};
 
 /// Why a delivery's signature was refused. The client always gets the same
 /// 403; this goes to the audit row.
@@ -36,21 +36,6 @@ impl Rejection {
             Self::TimestampTooNew => "timestamp_too_new",
             Self::SignatureMismatch => "signature_mismatch",
         }
-    }
-}
-
-/// Read access to a request's headers, whatever HTTP library carries them.
-pub trait HeaderLookup {
-    /// Every value of the header `name` (case-insensitive), in order.
-    fn values(&self, name: &str) -> Vec<&[u8]>;
-}
-
-impl HeaderLookup for [(&str, &str)] {
-    fn values(&self, name: &str) -> Vec<&[u8]> {
-        self.iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_bytes())
-            .collect()
     }
 }
 
@@ -100,11 +85,6 @@ impl Scheme {
             Self::Github => "github",
             Self::Hmac(_) => "hmac",
         }
-    }
-
-    /// Whether the scheme signs a timestamp (and so enforces `tolerance`).
-    pub fn is_timestamped(&self) -> bool {
-        matches!(self, Self::StandardWebhooks | Self::Stripe)
     }
 
     /// Headers that carry signatures: never stored, never logged.

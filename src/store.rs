@@ -6,6 +6,8 @@ use std::net::IpAddr;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::status::DeliveryOutcome;
+
 /// A verified delivery, ready to be stored.
 #[derive(Clone, Debug)]
 pub struct NewDelivery {
@@ -31,10 +33,10 @@ pub enum Origin {
 }
 
 impl Origin {
-    fn as_str(self) -> &'static str {
+    fn delivery_outcome(self) -> DeliveryOutcome {
         match self {
-            Self::Http => "accepted",
-            Self::Import => "imported",
+            Self::Http => DeliveryOutcome::Accepted,
+            Self::Import => DeliveryOutcome::Imported,
         }
     }
 }
@@ -42,7 +44,7 @@ impl Origin {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IngestOutcome {
     /// A new event was stored.
-    Stored,
+    Accepted,
     /// The key was stored already, with the same payload.
     Duplicate,
     /// The key was stored already, with a different payload.
@@ -50,12 +52,18 @@ pub enum IngestOutcome {
 }
 
 impl IngestOutcome {
-    pub fn as_str(self) -> &'static str {
+    /// The outcome a delivery's audit row records for it (over HTTP).
+    pub fn delivery_outcome(self) -> DeliveryOutcome {
         match self {
-            Self::Stored => "accepted",
-            Self::Duplicate => "duplicate",
-            Self::Conflict => "conflict",
+            Self::Accepted => DeliveryOutcome::Accepted,
+            Self::Duplicate => DeliveryOutcome::Duplicate,
+            Self::Conflict => DeliveryOutcome::Conflict,
         }
+    }
+
+    /// The text of [`Self::delivery_outcome`], as responses and audit rows say it.
+    pub fn as_str(self) -> &'static str {
+        self.delivery_outcome().as_str()
     }
 }
 
@@ -87,16 +95,6 @@ pub async fn set_local_statement_timeout(
     .fetch_one(conn)
     .await?;
     Ok(())
-}
-
-/// Stores one delivery; see [`ingest_batch`].
-pub async fn ingest(
-    conn: &mut PgConnection,
-    delivery: &NewDelivery,
-    origin: Origin,
-) -> Result<(IngestOutcome, Uuid), StoreError> {
-    let mut outcomes = ingest_batch(conn, std::slice::from_ref(delivery), origin).await?;
-    outcomes.pop().ok_or(StoreError::Vanished)
 }
 
 /// Stores each event whose key is new and records every delivery, all in one
@@ -194,7 +192,7 @@ async fn ingest_statement(
                    event_id, payload_sha256, 200
             FROM resolved ORDER BY position
         )
-        SELECT position AS "position!", event_id AS "event_id!", kind AS "kind!" FROM resolved
+        SELECT position AS "position!", event_id AS "event_id!", kind AS "kind!: DeliveryOutcome" FROM resolved
         "#,
         &ids,
         &sources as &[Option<&str>],
@@ -206,16 +204,16 @@ async fn ingest_statement(
         &headers,
         &shas as &[Option<&str>],
         &addresses as &[Option<String>],
-        origin.as_str(),
+        origin.delivery_outcome() as DeliveryOutcome,
     )
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
         .into_iter()
         .map(|row| {
-            let outcome = match row.kind.as_str() {
-                "accepted" => IngestOutcome::Stored,
-                "duplicate" => IngestOutcome::Duplicate,
+            let outcome = match row.kind {
+                DeliveryOutcome::Accepted => IngestOutcome::Accepted,
+                DeliveryOutcome::Duplicate => IngestOutcome::Duplicate,
                 _ => IngestOutcome::Conflict,
             };
             // ORDINALITY counts from 1.
@@ -225,16 +223,19 @@ async fn ingest_statement(
 }
 
 /// A delivery that was refused: audited with its precise reason, nothing stored.
-pub struct Rejection<'a> {
+pub struct RejectionRow<'a> {
     pub source: &'a str,
     pub remote_addr: Option<IpAddr>,
-    pub outcome: &'static str,
+    pub outcome: DeliveryOutcome,
     pub reason: &'a str,
     pub payload_sha256: Option<&'a str>,
     pub status_code: u16,
 }
 
-pub async fn record_rejection(pool: &PgPool, rejection: &Rejection<'_>) -> Result<(), StoreError> {
+pub async fn record_rejection(
+    pool: &PgPool,
+    rejection: &RejectionRow<'_>,
+) -> Result<(), StoreError> {
     sqlx::query!(
         r#"
         INSERT INTO inbox_deliveries (source, remote_addr, outcome, reason, payload_sha256, status_code)
@@ -242,7 +243,7 @@ pub async fn record_rejection(pool: &PgPool, rejection: &Rejection<'_>) -> Resul
         "#,
         rejection.source,
         rejection.remote_addr.map(|ip| ip.to_string()),
-        rejection.outcome,
+        rejection.outcome as DeliveryOutcome,
         rejection.reason,
         rejection.payload_sha256,
         i32::from(rejection.status_code),

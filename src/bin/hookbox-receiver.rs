@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    hookbox::receiver::main()
+    hookbox::cli::receiver::main()
 }

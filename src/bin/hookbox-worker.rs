@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    hookbox::worker::main()
+    hookbox::cli::worker::main()
 }

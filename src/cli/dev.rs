@@ -12,7 +12,6 @@ use clap::Args;
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
-use super::CommonArgs;
 use crate::{
     config::Config,
     db,
@@ -30,7 +29,7 @@ pub struct DevArgs {
     pub port: u16,
 }
 
-pub async fn run(_common: &CommonArgs, args: DevArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
@@ -58,10 +57,10 @@ pub async fn run(_common: &CommonArgs, args: DevArgs) -> anyhow::Result<ExitCode
     db::migrate(&url).await?;
 
     let shutdown = CancellationToken::new();
-    let receiver_pool = db::pool(&url, &receiver::pool_settings(&config))?;
+    let receiver_pool = db::pool(&url, &db::PoolSettings::receiver(&config))?;
     let app = receiver::Application::build(&config, receiver_pool).await?;
     let server = app.handle();
-    let worker_pool = db::pool(&url, &worker::pool_settings(&config))?;
+    let worker_pool = db::pool(&url, &db::PoolSettings::worker(&config))?;
     let worker = worker::Worker::from_config(&config, worker_pool, Default::default())?;
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
 

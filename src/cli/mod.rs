@@ -4,7 +4,10 @@ mod dev;
 mod loadtest;
 mod operate;
 mod output;
+mod process;
+pub mod receiver;
 mod send;
+pub mod worker;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -80,18 +83,10 @@ pub enum ConfigCommand {
     Check,
 }
 
-/// Runs the command; prints a one-line reason and fails on error.
+/// `hookbox`: runs the command; prints a one-line reason and fails on error.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init_logging(cli.common.log_format);
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("hookbox: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    process::run("hookbox", cli.common.log_format, run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -120,7 +115,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Send(args) => send::run(&cli.common, args).await,
-        Command::Dev(args) => dev::run(&cli.common, args).await.context("hookbox dev"),
+        Command::Dev(args) => dev::run(args).await.context("hookbox dev"),
         Command::Status(args) => operate::status(&cli.common, args).await,
         Command::Events { command } => operate::events(&cli.common, command).await,
         Command::Replay(args) => operate::replay(&cli.common, args).await,

@@ -14,11 +14,12 @@ use crate::{
     ops::{
         self,
         events::EventReference,
-        filter::{parse_time, EventFilter, STATUSES},
+        filter::{parse_status, parse_time, EventFilter},
         import::ImportRequest,
         prune::PruneRequest,
         replay::ReplayRequest,
     },
+    status::EventStatus,
 };
 
 #[derive(Args, Debug, Clone)]
@@ -27,8 +28,8 @@ pub struct FilterArgs {
     #[arg(long)]
     pub source: Option<String>,
     /// Only these statuses (repeat or comma-separate).
-    #[arg(long, value_delimiter = ',')]
-    pub status: Vec<String>,
+    #[arg(long, value_delimiter = ',', value_parser = parse_status)]
+    pub status: Vec<EventStatus>,
     /// Only event types matching this glob (`*`, `?`).
     #[arg(long = "type")]
     pub event_type: Option<String>,
@@ -42,9 +43,6 @@ pub struct FilterArgs {
 
 impl FilterArgs {
     fn filter(&self) -> anyhow::Result<EventFilter> {
-        if let Some(bad) = self.status.iter().find(|s| !STATUSES.contains(&s.as_str())) {
-            anyhow::bail!("--status {bad}: not one of {}", STATUSES.join(", "));
-        }
         Ok(EventFilter {
             source: self.source.clone(),
             statuses: self.status.clone(),
@@ -155,13 +153,10 @@ pub struct ImportArgs {
 
 async fn connect(common: &CommonArgs) -> anyhow::Result<(crate::config::Config, PgPool)> {
     let config = common.load_config()?;
-    let settings = db::PoolSettings {
-        max_connections: 2,
-        acquire_timeout: config.database.acquire_timeout.0,
-        statement_timeout: None,
-        application_name: "hookbox",
-    };
-    let pool = db::pool(&config.database_url()?, &settings)?;
+    let pool = db::pool(
+        &config.database_url()?,
+        &db::PoolSettings::operator(&config),
+    )?;
     Ok((config, pool))
 }
 
@@ -233,7 +228,7 @@ pub async fn events(common: &CommonArgs, command: EventsCommand) -> anyhow::Resu
                             output::time(Some(e.received_at)),
                             e.source.clone(),
                             e.event_type.clone().unwrap_or_else(|| "-".into()),
-                            e.status.clone(),
+                            e.status.to_string(),
                             e.attempts.to_string(),
                             e.last_error
                                 .as_deref()
@@ -289,7 +284,7 @@ pub async fn events(common: &CommonArgs, command: EventsCommand) -> anyhow::Resu
                     "type",
                     detail.event_type.clone().unwrap_or_else(|| "-".into()),
                 ),
-                ("status", detail.status.clone()),
+                ("status", detail.status.to_string()),
                 ("attempts", detail.attempts.to_string()),
                 ("received", output::time(Some(detail.received_at))),
                 ("next attempt", output::time(Some(detail.next_attempt_at))),

@@ -5,7 +5,6 @@ mod sections;
 
 use std::{
     collections::BTreeMap,
-    fmt,
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -39,7 +38,7 @@ pub struct Config {
     pub worker: WorkerSection,
     pub sources: Vec<Source>,
     pub routes: Vec<RouteSection>,
-    pub handlers: BTreeMap<String, Handler>,
+    pub handlers: BTreeMap<String, HandlerConfig>,
 }
 
 /// A webhook sender, ready for the receiver.
@@ -57,9 +56,9 @@ pub struct Source {
     pub tolerance: Duration,
 }
 
-/// A handler with its secrets resolved.
+/// A `[handler.NAME]` table with its secrets resolved.
 #[derive(Clone, Debug)]
-pub struct Handler {
+pub struct HandlerConfig {
     pub section: HandlerSection,
     pub signing_key: Option<Secret>,
 }
@@ -250,17 +249,7 @@ impl Checker<'_> {
                 "must be shorter than receiver.request_timeout",
             ));
         }
-        if !receiver.admin_listen.is_empty()
-            && receiver
-                .admin_listen
-                .parse::<std::net::SocketAddr>()
-                .is_err()
-        {
-            return Err(self.error(
-                "receiver.admin_listen",
-                "must be an address like 127.0.0.1:9090, or \"\" for none",
-            ));
-        }
+        self.check_admin_listen("receiver.admin_listen", &receiver.admin_listen)?;
         if let Some(tls) = &receiver.tls {
             if !matches!(tls.min_version.as_str(), "1.2" | "1.3") {
                 return Err(self.error("receiver.tls.min_version", "must be \"1.2\" or \"1.3\""));
@@ -523,7 +512,11 @@ impl Checker<'_> {
         }
     }
 
-    fn check_handler(&self, name: &str, section: HandlerSection) -> Result<Handler, ConfigError> {
+    fn check_handler(
+        &self,
+        name: &str,
+        section: HandlerSection,
+    ) -> Result<HandlerConfig, ConfigError> {
         let key = |field: &str| format!("handler.{name}.{field}");
         let mut signing_key = None;
         match &section {
@@ -586,7 +579,7 @@ impl Checker<'_> {
             }
             _ => {}
         }
-        Ok(Handler {
+        Ok(HandlerConfig {
             section,
             signing_key,
         })
@@ -618,18 +611,6 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
         .map(|net| net.trunc())
         .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| format!("`{text}` is not an address or CIDR like 10.0.0.0/8"))
-}
-
-impl fmt::Display for SchemeName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Begini => "begini",
-            Self::StandardWebhooks => "standard-webhooks",
-            Self::Stripe => "stripe",
-            Self::Github => "github",
-            Self::Hmac => "hmac",
-        })
-    }
 }
 
 #[cfg(test)]

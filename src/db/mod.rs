@@ -8,12 +8,7 @@ use sqlx::{
     Connection, PgPool,
 };
 
-mod embedded {
-    refinery::embed_migrations!("migrations");
-}
-
-/// Any number of processes may migrate at once: they queue on this lock.
-const MIGRATION_LOCK_KEY: i64 = 0x0068_6f6f_6b62_6f78; // "hookbox" in ASCII
+use crate::config::Config;
 
 /// How a process talks to the database.
 #[derive(Clone, Debug)]
@@ -24,6 +19,45 @@ pub struct PoolSettings {
     /// holding a request open; `None` for the worker, whose handlers may run long.
     pub statement_timeout: Option<Duration>,
     pub application_name: &'static str,
+}
+
+impl PoolSettings {
+    /// A receiver's pool: every statement ends before the sender gives up.
+    pub fn receiver(config: &Config) -> Self {
+        let request_timeout = config.receiver.request_timeout.0;
+        Self {
+            max_connections: config.database.max_connections,
+            acquire_timeout: config.database.acquire_timeout.0.min(request_timeout),
+            // The database gives up before the sender does: nothing is left waiting.
+            statement_timeout: Some(request_timeout.mul_f64(0.8)),
+            application_name: "hookbox-receiver",
+        }
+    }
+
+    /// A worker's pool: claims, completions, the listener and rescue all need
+    /// a connection besides the handlers running at once.
+    pub fn worker(config: &Config) -> Self {
+        Self {
+            max_connections: config
+                .database
+                .max_connections
+                .max(config.worker.concurrency as u32 + 2),
+            acquire_timeout: config.database.acquire_timeout.0,
+            statement_timeout: None,
+            application_name: "hookbox-worker",
+        }
+    }
+
+    /// An operator command's pool (`hookbox status`, `replay`, ...): two
+    /// connections, no statement limit (a replay may touch many rows).
+    pub fn operator(config: &Config) -> Self {
+        Self {
+            max_connections: 2,
+            acquire_timeout: config.database.acquire_timeout.0,
+            statement_timeout: None,
+            application_name: "hookbox",
+        }
+    }
 }
 
 /// The database refused the data itself (SQLSTATE class 22, a data exception,
@@ -70,36 +104,6 @@ pub fn pool(url: &str, settings: &PoolSettings) -> anyhow::Result<PgPool> {
         .connect_lazy_with(options))
 }
 
-/// What `migrate` did.
-#[derive(Debug)]
-pub struct MigrationReport {
-    pub applied: Vec<String>,
-}
+mod migrate;
 
-/// Applies the embedded migrations under an advisory lock; safe to run twice or
-/// from several processes at once.
-pub async fn migrate(url: &str) -> anyhow::Result<MigrationReport> {
-    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("cannot connect to the database to migrate it")?;
-    let connection = tokio::spawn(connection);
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await
-        .context("cannot take the migration lock")?;
-    let outcome = embedded::migrations::runner().run_async(&mut client).await;
-    // The lock also goes with the session; unlocking is a courtesy.
-    let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
-        .await;
-    drop(client);
-    let _ = connection.await;
-    let report = outcome.context("a migration failed")?;
-    Ok(MigrationReport {
-        applied: report
-            .applied_migrations()
-            .iter()
-            .map(|m| m.to_string())
-            .collect(),
-    })
-}
+pub use migrate::{migrate, MigrationReport};

@@ -6,13 +6,14 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::filter::EventFilter;
+use crate::status::EventStatus;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct EventSummary {
     pub id: Uuid,
     pub source: String,
     pub event_type: Option<String>,
-    pub status: String,
+    pub status: EventStatus,
     pub attempts: i32,
     pub received_at: DateTime<Utc>,
     pub next_attempt_at: DateTime<Utc>,
@@ -29,7 +30,7 @@ pub async fn list(
     sqlx::query_as!(
         EventSummary,
         r#"
-        SELECT id, source, event_type, status, attempts, received_at, next_attempt_at, processed_at, last_error
+        SELECT id, source, event_type, status AS "status: EventStatus", attempts, received_at, next_attempt_at, processed_at, last_error
         FROM inbox_events
         WHERE ($1::text IS NULL OR source = $1)
           AND (cardinality($2::text[]) = 0 OR status = ANY($2))
@@ -40,7 +41,7 @@ pub async fn list(
         LIMIT $6
         "#,
         filter.source,
-        &filter.statuses,
+        &filter.statuses as &[EventStatus],
         filter.type_pattern(),
         filter.since,
         filter.until,
@@ -57,7 +58,7 @@ pub struct EventDetail {
     pub environment: String,
     pub event_key: String,
     pub event_type: Option<String>,
-    pub status: String,
+    pub status: EventStatus,
     pub attempts: i32,
     pub received_at: DateTime<Utc>,
     pub next_attempt_at: DateTime<Utc>,
@@ -115,7 +116,7 @@ pub async fn show(
     };
     let row = sqlx::query!(
         r#"
-        SELECT id, source, environment, event_key, event_type, status, attempts, received_at,
+        SELECT id, source, environment, event_key, event_type, status AS "status: EventStatus", attempts, received_at,
                next_attempt_at, locked_by, locked_until, processed_at, last_error, payload_sha256, headers,
                CASE WHEN $4 THEN payload END AS payload, payload IS NULL AS "payload_pruned!"
         FROM inbox_events

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::duration::HumanDuration;
+use crate::{duration::HumanDuration, status::EventStatus};
 
 /// A filter over `inbox_events`; every part is optional.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -11,7 +11,7 @@ pub struct EventFilter {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub statuses: Vec<String>,
+    pub statuses: Vec<EventStatus>,
     /// A glob (`*`, `?`) over the event type.
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     pub event_type: Option<String>,
@@ -37,14 +37,13 @@ impl EventFilter {
     }
 }
 
-pub const STATUSES: [&str; 6] = [
-    "pending",
-    "processing",
-    "retrying",
-    "succeeded",
-    "dead",
-    "skipped",
-];
+/// `--status`: one of the statuses the SQL contract names.
+pub fn parse_status(text: &str) -> Result<EventStatus, String> {
+    text.parse().map_err(|_| {
+        let known: Vec<&str> = EventStatus::ALL.iter().map(|s| s.as_str()).collect();
+        format!("not one of {}", known.join(", "))
+    })
+}
 
 fn glob_to_like(glob: &str) -> String {
     let mut like = String::with_capacity(glob.len());

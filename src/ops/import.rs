@@ -189,7 +189,7 @@ async fn import_batch(
     let mut stored = Vec::new();
     for (outcome, event_id) in outcomes {
         match outcome {
-            IngestOutcome::Stored => stored.push(event_id),
+            IngestOutcome::Accepted => stored.push(event_id),
             IngestOutcome::Duplicate => report.duplicates += 1,
             IngestOutcome::Conflict => report.conflicts += 1,
         }

@@ -8,6 +8,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use super::{add_affected, record_action};
+use crate::status::EventStatus;
 
 #[derive(Clone, Debug)]
 pub struct PruneRequest {
@@ -40,10 +41,9 @@ pub async fn prune(
     request: &PruneRequest,
     progress: impl Fn(u64),
 ) -> Result<PruneReport, sqlx::Error> {
-    let statuses: Vec<String> = ["succeeded", "skipped"]
+    let statuses: Vec<EventStatus> = [EventStatus::Succeeded, EventStatus::Skipped]
         .into_iter()
-        .chain(request.include_dead.then_some("dead"))
-        .map(String::from)
+        .chain(request.include_dead.then_some(EventStatus::Dead))
         .collect();
     let payload_cutoff = request.payloads_older_than.map(cutoff);
     let delivery_cutoff = request.deliveries_older_than.map(cutoff);
@@ -54,7 +54,7 @@ pub async fn prune(
         if let Some(before) = payload_cutoff {
             report.payloads = sqlx::query_scalar!(
                 r#"SELECT count(*) AS "n!" FROM inbox_events WHERE status = ANY($1) AND processed_at < $2 AND payload IS NOT NULL"#,
-                &statuses,
+                &statuses as &[EventStatus],
                 before
             )
             .fetch_one(pool)
@@ -142,7 +142,7 @@ impl Target {
     async fn prune_batch(
         self,
         conn: &mut sqlx::PgConnection,
-        statuses: &[String],
+        statuses: &[EventStatus],
         batch: i64,
     ) -> Result<i64, sqlx::Error> {
         let result = match self {
@@ -158,7 +158,7 @@ impl Target {
                     UPDATE inbox_events e SET payload = NULL, payload_json = NULL, headers = NULL
                     FROM batch WHERE e.id = batch.id
                     "#,
-                    statuses,
+                    statuses as &[EventStatus],
                     before,
                     batch
                 )

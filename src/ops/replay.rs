@@ -5,10 +5,17 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::status::EventStatus;
+
 use super::{add_affected, events::EventSummary, filter::EventFilter, record_action};
 
 /// Events that may be replayed: neither queued already nor in flight.
-const REPLAYABLE: [&str; 4] = ["dead", "skipped", "retrying", "succeeded"];
+const REPLAYABLE: [EventStatus; 4] = [
+    EventStatus::Dead,
+    EventStatus::Skipped,
+    EventStatus::Retrying,
+    EventStatus::Succeeded,
+];
 
 #[derive(Clone, Debug)]
 pub struct ReplayRequest {
@@ -30,7 +37,7 @@ pub enum ReplayError {
     #[error("replaying succeeded events runs their handlers again: add --include-succeeded")]
     SucceededNeedsFlag,
     #[error("status {0} cannot be replayed (only dead, skipped, retrying and succeeded events)")]
-    NotReplayable(String),
+    NotReplayable(EventStatus),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -43,26 +50,25 @@ pub struct ReplayReport {
 
 impl ReplayRequest {
     /// The statuses this replay touches.
-    fn statuses(&self) -> Result<Vec<String>, ReplayError> {
+    fn statuses(&self) -> Result<Vec<EventStatus>, ReplayError> {
         if self.ids.is_empty() && self.filter.is_empty() {
             return Err(ReplayError::NothingNamed);
         }
         if self.reason.trim().is_empty() {
             return Err(ReplayError::NoReason);
         }
-        let statuses: Vec<String> = if self.filter.statuses.is_empty() {
+        let statuses: Vec<EventStatus> = if self.filter.statuses.is_empty() {
             REPLAYABLE
-                .iter()
-                .filter(|s| self.include_succeeded || **s != "succeeded")
-                .map(|s| s.to_string())
+                .into_iter()
+                .filter(|s| self.include_succeeded || *s != EventStatus::Succeeded)
                 .collect()
         } else {
             self.filter.statuses.clone()
         };
-        if let Some(bad) = statuses.iter().find(|s| !REPLAYABLE.contains(&s.as_str())) {
-            return Err(ReplayError::NotReplayable(bad.clone()));
+        if let Some(bad) = statuses.iter().find(|s| !REPLAYABLE.contains(s)) {
+            return Err(ReplayError::NotReplayable(*bad));
         }
-        if statuses.iter().any(|s| s == "succeeded") && !self.include_succeeded {
+        if statuses.contains(&EventStatus::Succeeded) && !self.include_succeeded {
             return Err(ReplayError::SucceededNeedsFlag);
         }
         Ok(statuses)
@@ -80,7 +86,7 @@ pub async fn preview(
     // One scan: the window count is the whole match, the rows the first `limit`.
     let rows = sqlx::query!(
         r#"
-        SELECT id, source, event_type, status, attempts, received_at, next_attempt_at, processed_at, last_error,
+        SELECT id, source, event_type, status AS "status: EventStatus", attempts, received_at, next_attempt_at, processed_at, last_error,
                count(*) OVER () AS "total!"
         FROM inbox_events
         WHERE status = ANY($1)
@@ -92,7 +98,7 @@ pub async fn preview(
         ORDER BY id
         LIMIT $7
         "#,
-        &statuses,
+        &statuses as &[EventStatus],
         filter.source,
         filter.type_pattern(),
         filter.since,
@@ -172,7 +178,7 @@ pub async fn replay(
             SELECT event_id AS "id!" FROM linked ORDER BY event_id
             "#,
             after,
-            &statuses,
+            &statuses as &[EventStatus],
             filter.source,
             filter.type_pattern(),
             filter.since,

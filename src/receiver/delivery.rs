@@ -10,15 +10,9 @@ use governor::clock::{Clock, DefaultClock};
 use super::{error::DeliveryError, network, ReceiverState, SourceRuntime};
 use crate::{
     event_key::{sha256_hex, EventFields},
-    signature::{HeaderLookup, Rejection},
+    signature::Rejection,
     store::{self, NewDelivery},
 };
-
-impl HeaderLookup for actix_web::http::header::HeaderMap {
-    fn values(&self, name: &str) -> Vec<&[u8]> {
-        self.get_all(name).map(|value| value.as_bytes()).collect()
-    }
-}
 
 /// A refused delivery and what is known of its body.
 struct Refusal {
@@ -64,7 +58,7 @@ pub async fn receive(
             metrics::counter!("hookbox_deliveries_total", "source" => source.source.name.clone(), "outcome" => outcome).increment(1);
             metrics::counter!("hookbox_rejections_total", "source" => source.source.name.clone(), "reason" => reason).increment(1);
             if let Some((outcome, reason)) = refusal.error.audit() {
-                let row = store::Rejection {
+                let row = store::RejectionRow {
                     source: &source.source.name,
                     remote_addr: client,
                     outcome,
@@ -72,7 +66,7 @@ pub async fn receive(
                     payload_sha256: refusal.payload_sha256.as_deref(),
                     status_code: actix_web::ResponseError::status_code(&refusal.error).as_u16(),
                 };
-                tracing::info!(source = %source.source.name, outcome, reason, "delivery refused");
+                tracing::info!(source = %source.source.name, outcome = outcome.as_str(), reason, "delivery refused");
                 // The refusal stands even if its audit row cannot be written:
                 // a 503 would only invite the sender to retry a bad request.
                 if let Err(error) = with_deadline(

@@ -3,7 +3,7 @@
 
 use actix_web::{http::StatusCode, HttpResponse, ResponseError};
 
-use crate::{event_key::ExtractError, signature::Rejection};
+use crate::{event_key::ExtractError, signature::Rejection, status::DeliveryOutcome};
 
 /// Seconds a sender should wait after a 503.
 const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
@@ -52,15 +52,15 @@ impl DeliveryError {
     /// The audit row a refused delivery leaves. Rate-limited, timed-out and
     /// unknown-source requests leave none (they would let a flood write rows),
     /// nor does an unavailable database (it cannot take one).
-    pub fn audit(&self) -> Option<(&'static str, &'static str)> {
-        match self {
-            Self::AddressNotAllowed
-            | Self::TooLarge
-            | Self::Signature(_)
-            | Self::WrongEnvironment
-            | Self::Payload(_) => Some(self.outcome_and_reason()),
-            _ => None,
-        }
+    pub fn audit(&self) -> Option<(DeliveryOutcome, &'static str)> {
+        let outcome = match self {
+            Self::AddressNotAllowed => DeliveryOutcome::RejectedIp,
+            Self::TooLarge => DeliveryOutcome::TooLarge,
+            Self::Signature(_) | Self::WrongEnvironment => DeliveryOutcome::RejectedSignature,
+            Self::Payload(_) => DeliveryOutcome::RejectedPayload,
+            _ => return None,
+        };
+        Some((outcome, self.outcome_and_reason().1))
     }
 
     fn detail(&self) -> String {

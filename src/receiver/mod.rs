@@ -4,6 +4,7 @@ mod delivery;
 pub mod error;
 pub mod group_commit;
 pub mod network;
+mod request_span;
 mod tls;
 
 use std::{collections::HashMap, net::TcpListener, num::NonZeroU32, sync::Arc, time::Duration};
@@ -80,7 +81,7 @@ impl ReceiverState {
             max_wait: config.receiver.batch_max_wait.0,
             committers,
             queue_capacity: config.receiver.queue_capacity,
-            statement_timeout: pool_settings(config)
+            statement_timeout: crate::db::PoolSettings::receiver(config)
                 .statement_timeout
                 .unwrap_or(config.receiver.request_timeout.0),
         };
@@ -117,7 +118,7 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
-                .wrap(tracing_actix::RequestSpan)
+                .wrap(request_span::RequestSpan)
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
                 .service(
@@ -188,117 +189,25 @@ async fn readyz(state: web::Data<ReceiverState>) -> HttpResponse {
     }
 }
 
-/// A span per request that names the route, never the body or credentials.
-mod tracing_actix {
-    use std::future::{ready, Ready};
-
-    use actix_web::{
-        dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform},
-        Error,
-    };
-    use futures_util::future::LocalBoxFuture;
-    use tracing::Instrument;
-
-    pub struct RequestSpan;
-
-    impl<S, B> Transform<S, ServiceRequest> for RequestSpan
-    where
-        S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
-        B: 'static,
-    {
-        type Response = ServiceResponse<B>;
-        type Error = Error;
-        type Transform = RequestSpanService<S>;
-        type InitError = ();
-        type Future = Ready<Result<Self::Transform, Self::InitError>>;
-
-        fn new_transform(&self, service: S) -> Self::Future {
-            ready(Ok(RequestSpanService { service }))
-        }
-    }
-
-    pub struct RequestSpanService<S> {
-        service: S,
-    }
-
-    impl<S, B> Service<ServiceRequest> for RequestSpanService<S>
-    where
-        S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
-        B: 'static,
-    {
-        type Response = ServiceResponse<B>;
-        type Error = Error;
-        type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-        forward_ready!(service);
-
-        fn call(&self, request: ServiceRequest) -> Self::Future {
-            let span =
-                tracing::info_span!("request", method = %request.method(), path = %request.path());
-            let future = self.service.call(request);
-            Box::pin(
-                async move {
-                    let response = future.await?;
-                    tracing::debug!(status = response.status().as_u16(), "answered");
-                    Ok(response)
-                }
-                .instrument(span),
-            )
-        }
-    }
-}
-
-pub fn pool_settings(config: &Config) -> crate::db::PoolSettings {
-    let request_timeout = config.receiver.request_timeout.0;
-    crate::db::PoolSettings {
-        max_connections: config.database.max_connections,
-        acquire_timeout: config.database.acquire_timeout.0.min(request_timeout),
-        // The database gives up before the sender does: nothing is left waiting.
-        statement_timeout: Some(request_timeout.mul_f64(0.8)),
-        application_name: "hookbox-receiver",
-    }
-}
-
-#[derive(clap::Parser, Debug)]
-#[command(
-    name = "hookbox-receiver",
-    version,
-    about = "Receive, verify and store webhooks"
-)]
-struct ReceiverCli {
-    #[command(flatten)]
-    common: crate::cli::CommonArgs,
-}
-
-/// `hookbox-receiver`: serves until SIGTERM or Ctrl-C, then drains in-flight requests.
-pub fn main() -> std::process::ExitCode {
-    use clap::Parser;
-    let cli = ReceiverCli::parse();
-    crate::telemetry::init_logging(cli.common.log_format);
-    let result = actix_web::rt::System::new().block_on(async {
-        let config = cli.common.load_config()?;
-        let pool = crate::db::pool(&config.database_url()?, &pool_settings(&config))?;
-        let app = Application::build(&config, pool).await?;
-        tracing::info!(
-            port = app.port(),
-            admin_port = app.admin_port(),
-            "receiver listening"
-        );
-        let handle = app.handle();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            handle.stop(true).await;
-        });
-        app.run_until_stopped().await?;
-        anyhow::Ok(())
+/// Runs a receiver for `config` until `shutdown` is cancelled, then lets
+/// in-flight requests finish. What `hookbox-receiver` runs; `pool` is made
+/// with [`crate::db::PoolSettings::receiver`].
+pub async fn run(
+    config: &Config,
+    pool: PgPool,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let app = Application::build(config, pool).await?;
+    tracing::info!(
+        port = app.port(),
+        admin_port = app.admin_port(),
+        "receiver listening"
+    );
+    let handle = app.handle();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        handle.stop(true).await;
     });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("hookbox-receiver: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    app.run_until_stopped().await?;
+    Ok(())
 }

@@ -9,14 +9,19 @@ use uuid::Uuid;
 /// An event handed to a handler.
 #[derive(Clone, Debug)]
 pub struct Event {
+    /// `inbox_events.id`: time-ordered, and the stable key downstreams dedupe on.
     pub id: Uuid,
+    /// The `[[source]]` it came from.
     pub source: String,
+    /// The key it is stored under, unique within its source.
     pub event_key: String,
+    /// The type the source's `event_type` names, if any.
     pub event_type: Option<String>,
     /// 1 on the first try.
     pub attempt: i32,
     /// The exact bytes received.
     pub payload: Vec<u8>,
+    /// The payload parsed, when it is JSON.
     pub payload_json: Option<serde_json::Value>,
 }
 
@@ -26,15 +31,21 @@ pub enum HandlerError {
     /// Worth trying again later; `retry_after` is the downstream's own request.
     #[error("{message}")]
     Retryable {
+        /// What went wrong, for the attempt row (never a payload or a secret).
         message: String,
+        /// How long the downstream asked to be left alone (`Retry-After`).
         retry_after: Option<Duration>,
     },
     /// Will fail the same way every time: the event goes `dead` now.
     #[error("{message}")]
-    Permanent { message: String },
+    Permanent {
+        /// What went wrong, for the attempt row (never a payload or a secret).
+        message: String,
+    },
 }
 
 impl HandlerError {
+    /// A failure worth retrying later, on the retry policy's schedule.
     pub fn retryable(message: impl Into<String>) -> Self {
         Self::Retryable {
             message: message.into(),
@@ -42,6 +53,7 @@ impl HandlerError {
         }
     }
 
+    /// A failure that will repeat: the event goes `dead` now.
     pub fn permanent(message: impl Into<String>) -> Self {
         Self::Permanent {
             message: message.into(),
@@ -50,10 +62,16 @@ impl HandlerError {
 }
 
 /// A handler whose effects commit in the same transaction as the event's
-/// `succeeded` status and its attempt row: exactly-once effects. The
-/// connection is inside a savepoint; an error rolls back only the handler's work.
+/// `succeeded` status and its attempt row: exactly-once effects.
+///
+/// Events of a batch share one transaction. An error rolls back only this
+/// handler's work; to get there, the batch may be run a second time with a
+/// savepoint per event, so a handler may run more than once before its one
+/// commit (its database effects still commit once; keep effects outside the
+/// transaction out of it).
 #[async_trait]
 pub trait Handler: Send + Sync {
+    /// Does the event's work in `transaction`; the worker commits it.
     async fn handle(
         &self,
         event: &Event,
@@ -66,5 +84,6 @@ pub trait Handler: Send + Sync {
 /// (the event id).
 #[async_trait]
 pub trait ExternalHandler: Send + Sync {
+    /// Does the event's work; `Ok` means it is done and will not be repeated.
     async fn handle(&self, event: &Event) -> Result<(), HandlerError>;
 }

@@ -1,65 +1,94 @@
 //! The worker: claims stored events and hands each to its handler, exactly
 //! once for transactional handlers, with retries and an attempt row per try.
+//!
+//! This file is the claim loop; `completion` runs handlers and records
+//! outcomes, `outcome` decides what an attempt comes to, and `background`
+//! listens for new events and rescues expired leases.
+#![warn(missing_docs)]
 
+mod background;
+mod completion;
+mod error;
 pub mod handler;
-pub mod handlers;
+mod handlers;
+mod outcome;
 mod queue;
+mod registry;
 pub mod retry;
 mod routing;
 
-use std::{collections::HashMap, process::ExitCode, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use anyhow::Context;
-use clap::Parser;
-use sqlx::{postgres::PgListener, PgPool};
+use sqlx::PgPool;
 use tokio::{
     sync::{Notify, OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    cli::CommonArgs,
-    config::{Config, HandlerSection},
-    db::{self, PoolSettings},
-};
+use crate::config::Config;
+pub use error::{Error, Result};
 pub use handler::{Event, ExternalHandler, Handler, HandlerError};
+pub use outcome::Processed;
+pub use registry::LibraryHandlers;
+use registry::Runner;
 use retry::RetryPolicy;
 use routing::Router;
 
-/// The channel the inbox's trigger notifies when events are stored.
-const CHANNEL: &str = "hookbox_events";
-/// `last_error` and attempt errors are kept short.
-const ERROR_LIMIT: usize = 1000;
-
-enum Runner {
-    InTransaction(Arc<dyn Handler>),
-    External(Arc<dyn ExternalHandler>),
-}
-
-/// Handlers provided in code by a binary that embeds hookbox, by the name its
-/// `[handler.NAME]` table (`kind = "library"`) gives them.
-#[derive(Default)]
-pub struct LibraryHandlers(HashMap<String, Arc<dyn Handler>>);
-
-impl LibraryHandlers {
-    pub fn with(mut self, name: &str, handler: impl Handler + 'static) -> Self {
-        self.0.insert(name.to_owned(), Arc::new(handler));
-        self
-    }
-}
-
-/// What one attempt came to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AttemptOutcome {
-    Succeeded,
-    Skipped,
-    Retry,
-    Dead,
-    /// The lease was lost before the outcome could be recorded: nothing committed.
-    LeaseLost,
-}
-
+/// A worker process's engine: claims due events in batches under a lease,
+/// runs their handlers and records every attempt. Run as many as needed, on
+/// any hosts; they share work through the database alone.
+///
+/// ```
+/// use std::collections::BTreeMap;
+///
+/// use hookbox::{async_trait, db, Config, Event, Handler, HandlerError, LibraryHandlers, Worker};
+///
+/// struct RecordScore;
+///
+/// #[async_trait]
+/// impl Handler for RecordScore {
+///     async fn handle(&self, event: &Event, tx: &mut sqlx::PgConnection) -> Result<(), HandlerError> {
+///         sqlx::query("INSERT INTO scores (event_id, body) VALUES ($1, $2)")
+///             .bind(event.id)
+///             .bind(&event.payload_json)
+///             .execute(tx)
+///             .await
+///             .map_err(|e| HandlerError::retryable(e.to_string()))?;
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> anyhow::Result<()> {
+/// let toml = r#"
+///     [[source]]
+///     name = "begini"
+///     environment = "sandbox"
+///     scheme = "begini"
+///     secrets_env = ["BEGINI_API_KEY"]
+///
+///     [[route]]
+///     source = "begini"
+///     handler = "scores"
+///
+///     [handler.scores]
+///     kind = "library"
+/// "#;
+/// // In a real binary: Config::load(path), reading the process environment.
+/// let env = BTreeMap::from([
+///     ("BEGINI_API_KEY".to_owned(), "sandbox-key-0123456789".to_owned()),
+///     ("DATABASE_URL".to_owned(), "postgres://localhost/hookbox".to_owned()),
+/// ]);
+/// let config = Config::parse(toml, "hookbox.toml".as_ref(), &env)?;
+/// let pool = db::pool(&config.database_url_from(&env)?, &db::PoolSettings::worker(&config))?;
+/// let handlers = LibraryHandlers::default().with("scores", RecordScore);
+/// let worker = Worker::from_config(&config, pool, handlers)?;
+/// assert!(!worker.id().is_empty());
+/// // worker.run(shutdown_token).await? runs it until the token is cancelled.
+/// # Ok(())
+/// # }
+/// ```
 pub struct Worker {
     pool: PgPool,
     id: String,
@@ -79,46 +108,21 @@ pub struct Worker {
     sources: Vec<String>,
 }
 
-pub fn pool_settings(config: &Config) -> PoolSettings {
-    PoolSettings {
-        // Claims, completions, the listener and rescue all need a connection.
-        max_connections: config
-            .database
-            .max_connections
-            .max(config.worker.concurrency as u32 + 2),
-        acquire_timeout: config.database.acquire_timeout.0,
-        statement_timeout: None,
-        application_name: "hookbox-worker",
-    }
+/// A claimed event and the handler its route names.
+struct Routed<'a> {
+    claimed: queue::Claimed,
+    handler: Option<&'a str>,
 }
 
 impl Worker {
-    pub fn from_config(
-        config: &Config,
-        pool: PgPool,
-        mut library: LibraryHandlers,
-    ) -> anyhow::Result<Self> {
-        let mut handlers = HashMap::new();
-        for (name, handler) in &config.handlers {
-            let runner = match &handler.section {
-                HandlerSection::Sql { statement } => Runner::InTransaction(Arc::new(handlers::sql::SqlHandler::new(statement))),
-                HandlerSection::Http { url, timeout, permanent_statuses, .. } => Runner::External(Arc::new(
-                    handlers::http::HttpHandler::new(url, timeout.0, permanent_statuses, handler.signing_key.clone())?,
-                )),
-                HandlerSection::Exec { command, timeout } => {
-                    Runner::External(Arc::new(handlers::exec::ExecHandler::new(command, timeout.0)))
-                }
-                HandlerSection::Library {} => Runner::InTransaction(library.0.remove(name).with_context(|| {
-                    format!("[handler.{name}] is kind = \"library\" but this binary provides no handler of that name")
-                })?),
-            };
-            handlers.insert(name.clone(), runner);
-        }
+    /// A worker for `config`'s routes and handlers; `library` provides the
+    /// handlers of `kind = "library"`. Connects to nothing until it runs.
+    pub fn from_config(config: &Config, pool: PgPool, library: LibraryHandlers) -> Result<Self> {
         Ok(Self {
             pool,
             id: worker_id(),
             router: Router::new(&config.routes),
-            handlers,
+            handlers: registry::build(&config.handlers, library)?,
             policy: RetryPolicy::from(&config.worker.retry),
             lease: config.worker.lease.0,
             poll_interval: config.worker.poll_interval.0,
@@ -131,21 +135,27 @@ impl Worker {
         })
     }
 
+    /// This worker's id, as `locked_by` and `inbox_attempts.worker_id` record it.
     pub fn id(&self) -> &str {
         &self.id
     }
 
     /// One step, for tests and tools: claims up to `batch_size` due events and
-    /// processes them all. Returns their outcomes.
-    pub async fn process_next(&self) -> anyhow::Result<Vec<AttemptOutcome>> {
-        let slot = self.slots.clone().acquire_owned().await?;
+    /// processes them all. Returns what became of each.
+    pub async fn process_next(&self) -> Result<Vec<Processed>> {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Stopped)?;
         let claimed =
             queue::claim(&self.pool, &self.id, self.batch_size as i64, self.lease).await?;
         self.process_batch(claimed, slot).await
     }
 
     /// Returns expired leases to the queue (or to `dead`); how many were rescued.
-    pub async fn rescue_expired_leases(&self) -> anyhow::Result<u64> {
+    pub async fn rescue_expired_leases(&self) -> Result<u64> {
         Ok(queue::rescue_expired(&self.pool, self.policy.max_attempts as i32).await?)
     }
 
@@ -156,7 +166,7 @@ impl Worker {
         &self,
         claimed: Vec<queue::Claimed>,
         slot: OwnedSemaphorePermit,
-    ) -> anyhow::Result<Vec<AttemptOutcome>> {
+    ) -> Result<Vec<Processed>> {
         let (external, transactional): (Vec<_>, Vec<_>) = claimed
             .into_iter()
             .map(|claimed| {
@@ -169,18 +179,18 @@ impl Worker {
                 !routed.claimed.payload_missing
                     && matches!(self.runner(routed), Some(Runner::External(_)))
             });
-        let mut outcomes = Vec::new();
+        let mut processed = Vec::new();
         if !transactional.is_empty() {
-            outcomes.extend(self.complete_in_one_transaction(transactional).await?);
+            processed.extend(self.complete_in_one_transaction(&transactional).await?);
         }
         drop(slot);
         let external = external
             .into_iter()
             .map(|routed| self.complete_external(routed));
         for outcome in futures_util::future::join_all(external).await {
-            outcomes.push(outcome?);
+            processed.push(outcome?);
         }
-        Ok(outcomes)
+        Ok(processed)
     }
 
     /// A handler starts only while the worker runs and the lease has time left.
@@ -192,255 +202,18 @@ impl Worker {
         routed.handler.and_then(|name| self.handlers.get(name))
     }
 
-    /// One transaction for the whole batch. Handlers usually succeed, so the
-    /// batch first runs without savepoints and takes its events' row locks at
-    /// the end, with the outcomes; if a handler fails or a lease turns out to
-    /// be lost, that transaction is rolled back (nothing of it survives) and
-    /// the batch runs again the careful way.
-    async fn complete_in_one_transaction(
-        &self,
-        batch: Vec<Routed<'_>>,
-    ) -> anyhow::Result<Vec<AttemptOutcome>> {
-        match self.complete_optimistically(&batch).await? {
-            Some(outcomes) => Ok(outcomes),
-            None => self.complete_carefully(&batch).await,
-        }
-    }
-
-    /// `None` if the batch needs the careful way; its transaction is rolled back.
-    async fn complete_optimistically(
-        &self,
-        batch: &[Routed<'_>],
-    ) -> anyhow::Result<Option<Vec<AttemptOutcome>>> {
-        let mut transaction = self.pool.begin().await?;
-        let mut finished = Vec::with_capacity(batch.len());
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for routed in batch {
-            let attempted = self.attempt_in(routed, &mut transaction, None).await?;
-            if matches!(attempted, Attempted::Ran(Err(_))) {
-                transaction.rollback().await?;
-                return Ok(None);
-            }
-            let (finish, outcome) = self.decide(routed, attempted);
-            finished.push(finish);
-            outcomes.push(outcome);
-        }
-        if queue::finish(&mut transaction, &self.id, &finished).await? < finished.len() {
-            transaction.rollback().await?;
-            return Ok(None);
-        }
-        transaction.commit().await?;
-        for (routed, finish) in batch.iter().zip(&finished) {
-            log_outcome(&routed.claimed.event, finish);
-        }
-        Ok(Some(outcomes))
-    }
-
-    /// Locks the batch's events first, skipping those whose lease was lost;
-    /// each handler runs in a savepoint, so a failing event rolls back alone
-    /// while the others' effects commit together with their outcomes.
-    async fn complete_carefully(
-        &self,
-        batch: &[Routed<'_>],
-    ) -> anyhow::Result<Vec<AttemptOutcome>> {
-        let mut transaction = self.pool.begin().await?;
-        let events: Vec<&Event> = batch.iter().map(|r| &r.claimed.event).collect();
-        let held = queue::lock_held(&mut transaction, &self.id, &events).await?;
-        let mut savepoint = Savepoint::default();
-        let mut finished = Vec::with_capacity(batch.len());
-        let mut recorded = Vec::with_capacity(batch.len());
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for routed in batch {
-            let event = &routed.claimed.event;
-            if !held.contains(&event.id) {
-                lease_lost(event);
-                outcomes.push(AttemptOutcome::LeaseLost);
-                continue;
-            }
-            let attempted = self
-                .attempt_in(routed, &mut transaction, Some(&mut savepoint))
-                .await?;
-            let (finish, outcome) = self.decide(routed, attempted);
-            finished.push(finish);
-            recorded.push(event);
-            outcomes.push(outcome);
-        }
-        queue::finish(&mut transaction, &self.id, &finished).await?;
-        transaction.commit().await?;
-        for (event, finish) in recorded.into_iter().zip(&finished) {
-            log_outcome(event, finish);
-        }
-        Ok(outcomes)
-    }
-
-    /// Runs one event's handler in `transaction`, inside `savepoint` if given.
-    async fn attempt_in(
-        &self,
-        routed: &Routed<'_>,
-        transaction: &mut sqlx::PgConnection,
-        savepoint: Option<&mut Savepoint>,
-    ) -> Result<Attempted, sqlx::Error> {
-        let started = std::time::Instant::now();
-        let attempted = match self.runner(routed) {
-            Some(_) if !self.may_start(&routed.claimed, started) => Attempted::NotStarted,
-            None => Attempted::NoRoute,
-            Some(_) if routed.claimed.payload_missing => Attempted::PayloadPruned,
-            Some(Runner::External(_)) => {
-                unreachable!("external handlers complete on their own")
-            }
-            Some(Runner::InTransaction(handler)) => match savepoint {
-                Some(savepoint) => {
-                    savepoint.enter(transaction).await?;
-                    let result = handler.handle(&routed.claimed.event, transaction).await;
-                    savepoint.leave(transaction, result.is_ok()).await?;
-                    Attempted::Ran(result)
-                }
-                None => Attempted::Ran(handler.handle(&routed.claimed.event, transaction).await),
-            },
-        };
-        record_duration(routed.handler, started);
-        Ok(attempted)
-    }
-
-    /// External effects happen outside any transaction (and hold no
-    /// connection); their outcome is recorded afterwards if the lease still holds.
-    async fn complete_external(&self, routed: Routed<'_>) -> anyhow::Result<AttemptOutcome> {
-        let _slot = self.slots.acquire().await?;
-        let event = &routed.claimed.event;
-        let Some(Runner::External(handler)) = self.runner(&routed) else {
-            unreachable!("only external handlers complete on their own");
-        };
-        let started = std::time::Instant::now();
-        let attempted = if !self.may_start(&routed.claimed, started) {
-            Attempted::NotStarted
-        } else {
-            Attempted::Ran(handler.handle(event).await)
-        };
-        record_duration(routed.handler, started);
-        let mut transaction = self.pool.begin().await?;
-        if queue::lock_held(&mut transaction, &self.id, &[event])
-            .await?
-            .is_empty()
-        {
-            lease_lost(event);
-            return Ok(AttemptOutcome::LeaseLost);
-        }
-        let (finish, outcome) = self.decide(&routed, attempted);
-        queue::finish(&mut transaction, &self.id, std::slice::from_ref(&finish)).await?;
-        transaction.commit().await?;
-        log_outcome(event, &finish);
-        Ok(outcome)
-    }
-
-    /// Queue depth, the oldest due event's age and pool usage, as gauges.
-    async fn record_gauges(&self) {
-        crate::telemetry::record_pool("worker", &self.pool);
-        let Ok((counts, oldest)) = queue::depth(&self.pool).await else {
-            return;
-        };
-        // Every status of every source with open events, zeros included, so a
-        // drained queue reads 0 rather than its last value.
-        let sources: std::collections::BTreeSet<&str> = counts
-            .iter()
-            .map(|(source, _, _)| source.as_str())
-            .chain(self.sources.iter().map(String::as_str))
-            .collect();
-        for source in sources {
-            for status in ["pending", "processing", "retrying", "dead"] {
-                let n = counts
-                    .iter()
-                    .find(|(s, st, _)| s == source && st == status)
-                    .map_or(0, |(_, _, n)| *n);
-                metrics::gauge!("hookbox_events", "source" => source.to_owned(), "status" => status).set(n as f64);
-            }
-        }
-        metrics::gauge!("hookbox_oldest_due_seconds").set(oldest.unwrap_or(0.0));
-    }
-
-    /// The retry decision: data in, outcome out.
-    fn decide<'a>(
-        &self,
-        routed: &Routed<'a>,
-        attempted: Attempted,
-    ) -> (queue::Finish<'a>, AttemptOutcome) {
-        let event = &routed.claimed.event;
-        let finish =
-            |event_status, attempt_outcome, error: Option<String>, retry_in| queue::Finish {
-                event_id: event.id,
-                attempt: event.attempt,
-                attempt_id: routed.claimed.attempt_id,
-                event_status,
-                attempt_outcome,
-                handler: routed.handler,
-                error: error.map(|e| truncate(e, ERROR_LIMIT)),
-                retry_in,
-            };
-        match attempted {
-            Attempted::NotStarted => (
-                finish(
-                    "retrying",
-                    "retry",
-                    Some("released: the handler had not started when the worker stopped or the lease ran short".into()),
-                    Some(Duration::ZERO),
-                ),
-                AttemptOutcome::Retry,
-            ),
-            Attempted::NoRoute => {
-                let why = format!(
-                    "no route matches source {} and type {}",
-                    event.source,
-                    event.event_type.as_deref().unwrap_or("(none)")
-                );
-                (
-                    finish("skipped", "skipped", Some(why), None),
-                    AttemptOutcome::Skipped,
-                )
-            }
-            Attempted::PayloadPruned => (
-                finish("dead", "dead", Some(PAYLOAD_PRUNED.into()), None),
-                AttemptOutcome::Dead,
-            ),
-            Attempted::Ran(Ok(())) => (
-                finish("succeeded", "succeeded", None, None),
-                AttemptOutcome::Succeeded,
-            ),
-            Attempted::Ran(Err(HandlerError::Permanent { message })) => (
-                finish("dead", "dead", Some(message), None),
-                AttemptOutcome::Dead,
-            ),
-            Attempted::Ran(Err(HandlerError::Retryable {
-                message,
-                retry_after,
-            })) => {
-                let attempt = u32::try_from(event.attempt).unwrap_or(u32::MAX);
-                if self.policy.is_exhausted(attempt) {
-                    let message = format!("{message} (gave up after {attempt} attempts)");
-                    (
-                        finish("dead", "dead", Some(message), None),
-                        AttemptOutcome::Dead,
-                    )
-                } else {
-                    let wait = self
-                        .policy
-                        .random_delay(attempt)
-                        .max(retry_after.unwrap_or_default());
-                    (
-                        finish("retrying", "retry", Some(message), Some(wait)),
-                        AttemptOutcome::Retry,
-                    )
-                }
-            }
-        }
-    }
-
     /// Runs until `shutdown` is cancelled: then stops claiming, gives in-flight
     /// work the grace period, and releases what did not finish.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let worker = Arc::new(self);
         let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(worker.pool.clone(), wake.clone(), shutdown.clone()));
-        let housekeeping = tokio::spawn(housekeeping(worker.clone(), shutdown.clone()));
-        let mut tasks: JoinSet<anyhow::Result<Vec<AttemptOutcome>>> = JoinSet::new();
+        let listener = tokio::spawn(background::listen(
+            worker.pool.clone(),
+            wake.clone(),
+            shutdown.clone(),
+        ));
+        let housekeeping = tokio::spawn(background::housekeeping(worker.clone(), shutdown.clone()));
+        let mut tasks: JoinSet<Result<Vec<Processed>>> = JoinSet::new();
         tracing::info!(worker_id = %worker.id, concurrency = worker.concurrency, "worker started");
 
         while !shutdown.is_cancelled() {
@@ -524,162 +297,35 @@ impl Worker {
     }
 }
 
-/// What became of an event's handler in one attempt.
-enum Attempted {
-    NoRoute,
-    /// The payload was pruned before a replay asked for the event again.
-    PayloadPruned,
-    /// Not started: the worker is stopping or the lease is nearly over.
-    NotStarted,
-    Ran(Result<(), HandlerError>),
-}
-
-/// A claimed event and the handler its route names.
-struct Routed<'a> {
-    claimed: queue::Claimed,
-    handler: Option<&'a str>,
-}
-
-/// One savepoint reused through a batch: a success releases it and sets the
-/// next in the same round trip; a failure rolls back to it, which keeps it.
-#[derive(Default)]
-struct Savepoint {
-    open: bool,
-    needs_renewal: bool,
-}
-
-impl Savepoint {
-    async fn enter(&mut self, transaction: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-        let statement = match (self.open, self.needs_renewal) {
-            (false, _) => "SAVEPOINT hookbox_event",
-            (true, true) => "RELEASE SAVEPOINT hookbox_event; SAVEPOINT hookbox_event",
-            (true, false) => return Ok(()),
-        };
-        sqlx::Executor::execute(transaction, statement).await?;
-        self.open = true;
-        self.needs_renewal = false;
-        Ok(())
+/// Runs a worker for `config` until `shutdown` is cancelled, with the
+/// metrics endpoint `[worker] admin_listen` names. What `hookbox-worker` runs;
+/// an embedding binary passes its library handlers. `pool` is made with
+/// [`crate::db::PoolSettings::worker`].
+pub async fn run(
+    config: &Config,
+    pool: PgPool,
+    library: LibraryHandlers,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let worker = Worker::from_config(config, pool, library)?;
+    if !config.worker.admin_listen.is_empty() {
+        let port = crate::telemetry::serve_metrics(&config.worker.admin_listen)?;
+        tracing::info!(admin_port = port, "metrics served");
     }
-
-    async fn leave(
-        &mut self,
-        transaction: &mut sqlx::PgConnection,
-        succeeded: bool,
-    ) -> Result<(), sqlx::Error> {
-        if succeeded {
-            self.needs_renewal = true;
-        } else {
-            sqlx::Executor::execute(transaction, "ROLLBACK TO SAVEPOINT hookbox_event").await?;
-        }
-        Ok(())
-    }
+    worker.run(shutdown).await?;
+    Ok(())
 }
 
-const PAYLOAD_PRUNED: &str = "payload was pruned; nothing to process";
-
-fn lease_lost(event: &Event) {
-    tracing::warn!(event_id = %event.id, source = %event.source, "lease lost before the outcome was recorded; nothing committed");
-}
-
-fn record_duration(handler: Option<&str>, started: std::time::Instant) {
-    if let Some(name) = handler {
-        metrics::histogram!("hookbox_handler_seconds", "handler" => name.to_owned())
-            .record(started.elapsed().as_secs_f64());
-    }
-}
-
-fn log_outcome(event: &Event, finish: &queue::Finish<'_>) {
-    match finish.attempt_outcome {
-        "dead" => {
-            tracing::warn!(event_id = %event.id, source = %event.source, error = finish.error.as_deref(), "event is dead")
-        }
-        "retry" => {
-            tracing::info!(event_id = %event.id, source = %event.source, error = finish.error.as_deref(), "attempt failed; will retry")
-        }
-        _ => {
-            tracing::info!(event_id = %event.id, source = %event.source, outcome = finish.attempt_outcome, "attempt finished")
-        }
-    }
-    metrics::counter!("hookbox_attempts_total", "handler" => finish.handler.unwrap_or("").to_owned(), "outcome" => finish.attempt_outcome)
-        .increment(1);
-}
-
-fn log_task(done: Result<anyhow::Result<Vec<AttemptOutcome>>, tokio::task::JoinError>) {
+fn log_task(done: Result<Result<Vec<Processed>>, tokio::task::JoinError>) {
     match done {
         Ok(Ok(_)) => {}
         Ok(Err(error)) => tracing::warn!(
-            error = format!("{error:#}"),
+            error = format!("{:#}", anyhow::Error::from(error)),
             "attempts not recorded; their leases will expire and they will be retried"
         ),
         Err(error) if error.is_cancelled() => {}
         Err(error) => tracing::error!(error = %error, "attempt task failed"),
     }
-}
-
-/// Lease rescue and the queue gauges, on their own task: a slow count over a
-/// large table never holds up claiming.
-async fn housekeeping(worker: Arc<Worker>, shutdown: CancellationToken) {
-    let every = (worker.lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
-    loop {
-        match worker.rescue_expired_leases().await {
-            Ok(0) => {}
-            Ok(n) => {
-                metrics::counter!("hookbox_lease_rescues_total").increment(n);
-                tracing::warn!(rescued = n, "expired leases rescued");
-            }
-            Err(error) => tracing::warn!(error = format!("{error:#}"), "lease rescue failed"),
-        }
-        worker.record_gauges().await;
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
-}
-
-/// Wakes the claim loop on every notification; reconnects after a database
-/// restart (polling covers the gap).
-async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
-        let connected = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
-        }
-        .await;
-        let mut listener = match connected {
-            Ok(listener) => listener,
-            Err(_) => {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                received = listener.try_recv() => match received {
-                    Ok(Some(_)) => wake.notify_one(),
-                    // The connection dropped: events may have come meanwhile.
-                    Ok(None) => wake.notify_one(),
-                    Err(_) => break,
-                },
-            }
-        }
-    }
-}
-
-fn truncate(mut text: String, limit: usize) -> String {
-    if text.len() > limit {
-        let mut cut = limit;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push('…');
-    }
-    text
 }
 
 fn worker_id() -> String {
@@ -692,41 +338,4 @@ fn worker_id() -> String {
         std::process::id(),
         &unique[unique.len() - 6..]
     )
-}
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "hookbox-worker",
-    version,
-    about = "Process stored webhook events"
-)]
-struct WorkerCli {
-    #[command(flatten)]
-    common: CommonArgs,
-}
-
-/// `hookbox-worker`: runs until SIGTERM or Ctrl-C, then stops gracefully.
-pub fn main() -> ExitCode {
-    let cli = WorkerCli::parse();
-    crate::telemetry::init_logging(cli.common.log_format);
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    let result = runtime.block_on(async {
-        let config = cli.common.load_config()?;
-        let pool = db::pool(&config.database_url()?, &pool_settings(&config))?;
-        let worker = Worker::from_config(&config, pool, LibraryHandlers::default())?;
-        if !config.worker.admin_listen.is_empty() {
-            let port = crate::telemetry::serve_metrics(&config.worker.admin_listen)?;
-            tracing::info!(admin_port = port, "metrics served");
-        }
-        let shutdown = CancellationToken::new();
-        tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
-        worker.run(shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("hookbox-worker: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
 }

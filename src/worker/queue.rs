@@ -6,6 +6,15 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::handler::Event;
+use crate::status::{AttemptOutcome, EventStatus};
+
+/// The statuses the queue gauges report: those an operator waits on.
+pub const GAUGED_STATUSES: [EventStatus; 4] = [
+    EventStatus::Pending,
+    EventStatus::Processing,
+    EventStatus::Retrying,
+    EventStatus::Dead,
+];
 
 /// A claimed event and the attempt row written for it.
 pub struct Claimed {
@@ -116,8 +125,8 @@ pub struct Finish<'a> {
     /// The attempt's number (the event's `attempts` when it was claimed).
     pub attempt: i32,
     pub attempt_id: i64,
-    pub event_status: &'static str,
-    pub attempt_outcome: &'static str,
+    pub event_status: EventStatus,
+    pub attempt_outcome: AttemptOutcome,
     pub handler: Option<&'a str>,
     pub error: Option<String>,
     /// For `retrying`: when the next attempt is due.
@@ -132,13 +141,13 @@ pub struct Finish<'a> {
 pub async fn finish(
     conn: &mut PgConnection,
     worker_id: &str,
-    finishes: &[Finish<'_>],
+    finishes: &[&Finish<'_>],
 ) -> Result<usize, sqlx::Error> {
     let ids: Vec<Uuid> = finishes.iter().map(|f| f.event_id).collect();
     let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
     let attempt_ids: Vec<i64> = finishes.iter().map(|f| f.attempt_id).collect();
-    let statuses: Vec<&str> = finishes.iter().map(|f| f.event_status).collect();
-    let outcomes: Vec<&str> = finishes.iter().map(|f| f.attempt_outcome).collect();
+    let statuses: Vec<EventStatus> = finishes.iter().map(|f| f.event_status).collect();
+    let outcomes: Vec<AttemptOutcome> = finishes.iter().map(|f| f.attempt_outcome).collect();
     let handlers: Vec<Option<&str>> = finishes.iter().map(|f| f.handler).collect();
     let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
     let retry_in: Vec<Option<f64>> = finishes
@@ -178,8 +187,8 @@ pub async fn finish(
         "#,
         &ids,
         &attempt_ids,
-        &statuses as &[&str],
-        &outcomes as &[&str],
+        &statuses as &[EventStatus],
+        &outcomes as &[AttemptOutcome],
         &handlers as &[Option<&str>],
         &errors as &[Option<&str>],
         &retry_in as &[Option<f64>],
@@ -257,10 +266,10 @@ pub async fn release(pool: &PgPool, worker_id: &str) -> Result<u64, sqlx::Error>
 /// event has waited (seconds), for the gauges.
 pub async fn depth(
     pool: &PgPool,
-) -> Result<(Vec<(String, String, i64)>, Option<f64>), sqlx::Error> {
+) -> Result<(Vec<(String, EventStatus, i64)>, Option<f64>), sqlx::Error> {
     let counts = sqlx::query!(
         r#"
-        SELECT source, status, count(*) AS "count!"
+        SELECT source, status AS "status: EventStatus", count(*) AS "count!"
         FROM inbox_events
         WHERE status IN ('pending', 'processing', 'retrying', 'dead')
         GROUP BY source, status

@@ -4,11 +4,16 @@ use std::time::Duration;
 
 use crate::config::RetrySection;
 
+/// When to try a failed event again, and when to give up.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RetryPolicy {
+    /// Attempts in all; the last failure makes the event `dead`.
     pub max_attempts: u32,
+    /// The wait after the first failure.
     pub initial: Duration,
+    /// No wait is longer, jitter and `Retry-After` included.
     pub max: Duration,
+    /// Each wait is this many times the one before.
     pub multiplier: f64,
     /// Fraction of the delay that is randomised either way (0.2 = ±20%).
     pub jitter: f64,

@@ -299,3 +299,91 @@ fn first_toml_block(path: &str) -> (String, String) {
         .to_owned();
     (text, block)
 }
+
+#[tokio::test]
+async fn migrate_succeeds_against_a_server_that_requires_tls() {
+    use hookbox::pgcluster::{Cluster, ClusterOptions, StopMode};
+    let data = std::env::temp_dir().join(format!("hookbox-tls-{}", uuid::Uuid::now_v7().simple()));
+    let options = ClusterOptions {
+        durable: false,
+        remove_on_exit: true,
+        port: None,
+    };
+    let cluster = tokio::task::spawn_blocking({
+        let data = data.clone();
+        move || {
+            let cluster = Cluster::start(&data, &options).unwrap();
+            cluster.stop(StopMode::Fast).unwrap();
+            require_tls(&data);
+            cluster.restart(false).unwrap();
+            cluster
+        }
+    })
+    .await
+    .unwrap();
+    let migrate = |sslmode: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hookbox.toml");
+        std::fs::write(&path, "").unwrap();
+        hookbox()
+            .args(["migrate", "--config"])
+            .arg(&path)
+            .env(
+                "DATABASE_URL",
+                format!("{}?sslmode={sslmode}", cluster.url("postgres")),
+            )
+            .output()
+            .unwrap()
+    };
+
+    let plain = migrate("disable");
+    assert!(
+        !plain.status.success(),
+        "the server refuses plain connections"
+    );
+    let encrypted = migrate("require");
+    assert_success(&encrypted);
+    assert!(String::from_utf8_lossy(&encrypted.stdout).starts_with("applied: V1__inbox"));
+    let again = migrate("require");
+    assert_success(&again);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout),
+        "schema is up to date\n"
+    );
+}
+
+/// Turns on TLS with a fresh self-signed certificate and refuses every
+/// connection that does not use it.
+fn require_tls(data: &std::path::Path) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(data.join("server.crt"), certified.cert.pem()).unwrap();
+    std::fs::write(
+        data.join("server.key"),
+        certified.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        data.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .unwrap();
+    std::io::Write::write_all(&mut conf, b"\nssl = on\n").unwrap();
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "hostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+    )
+    .unwrap();
+    // As root the cluster runs as `postgres`, which must own its key.
+    if unsafe { libc::geteuid() } == 0 {
+        let owned = Command::new("chown")
+            .args(["postgres:", "server.crt", "server.key", "pg_hba.conf"])
+            .current_dir(data)
+            .status()
+            .unwrap();
+        assert!(owned.success());
+    }
+}

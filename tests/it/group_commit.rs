@@ -114,8 +114,8 @@ async fn a_key_repeated_within_one_batch_is_stored_once_then_duplicate_then_conf
     assert_eq!(
         kinds,
         [
-            IngestOutcome::Stored,
-            IngestOutcome::Stored,
+            IngestOutcome::Accepted,
+            IngestOutcome::Accepted,
             IngestOutcome::Duplicate,
             IngestOutcome::Conflict
         ]

@@ -53,7 +53,7 @@ async fn metrics_after_a_scripted_run_match_the_rows_in_the_tables() {
     );
 
     let config = config(&text, &[("BEGINI_API_KEY", BEGINI_KEY)]);
-    let pool = hookbox::db::pool(&app.db.url, &hookbox::worker::pool_settings(&config)).unwrap();
+    let pool = hookbox::db::pool(&app.db.url, &hookbox::db::PoolSettings::worker(&config)).unwrap();
     let worker = hookbox::worker::Worker::from_config(&config, pool, Default::default()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while app

@@ -90,7 +90,7 @@ impl Cli {
 
 fn worker_for(app: &TestApp, text: &str) -> Worker {
     let config = config(text, &[("BEGINI_API_KEY", BEGINI_KEY)]);
-    let pool = hookbox::db::pool(&app.db.url, &hookbox::worker::pool_settings(&config)).unwrap();
+    let pool = hookbox::db::pool(&app.db.url, &hookbox::db::PoolSettings::worker(&config)).unwrap();
     Worker::from_config(&config, pool, LibraryHandlers::default()).unwrap()
 }
 

@@ -114,7 +114,7 @@ async fn a_running_worker_reconnects_by_itself_after_a_database_restart() {
          [handler.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n"
     );
     let config = config(&text, &[("BEGINI_API_KEY", BEGINI_KEY)]);
-    let pool = hookbox::db::pool(&url, &hookbox::worker::pool_settings(&config)).unwrap();
+    let pool = hookbox::db::pool(&url, &hookbox::db::PoolSettings::worker(&config)).unwrap();
     let worker = hookbox::worker::Worker::from_config(&config, pool, Default::default()).unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(worker.run(shutdown.clone()));

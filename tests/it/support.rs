@@ -8,12 +8,7 @@ use std::{
     sync::{Arc, Mutex, OnceLock},
 };
 
-use hookbox::{
-    config::Config,
-    db,
-    pgcluster::Server,
-    receiver::{self, Application},
-};
+use hookbox::{config::Config, db, pgcluster::Server, receiver::Application};
 use sqlx::PgPool;
 
 fn server() -> &'static Server {
@@ -86,7 +81,7 @@ impl TestApp {
 
     pub async fn spawn_on(db: TestDb, config_text: &str, env: &[(&str, &str)]) -> Self {
         let config = config(config_text, env);
-        let pool = db::pool(&db.url, &receiver::pool_settings(&config)).unwrap();
+        let pool = db::pool(&db.url, &db::PoolSettings::receiver(&config)).unwrap();
         let app = Application::build(&config, pool)
             .await
             .expect("receiver builds");

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use hookbox::{
     store::{self, NewDelivery, Origin},
-    worker::{AttemptOutcome, Event, Handler, HandlerError, LibraryHandlers, Worker},
+    worker::{Event, Handler, HandlerError, LibraryHandlers, Processed, Worker},
 };
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -56,7 +56,7 @@ async fn setup_from(text: &str, library: LibraryHandlers) -> Setup {
         ),
     ];
     let config = config(text, &env);
-    let pool = hookbox::db::pool(&db.url, &hookbox::worker::pool_settings(&config)).unwrap();
+    let pool = hookbox::db::pool(&db.url, &hookbox::db::PoolSettings::worker(&config)).unwrap();
     let worker = Worker::from_config(&config, pool, library).unwrap();
     Setup { db, worker }
 }
@@ -75,14 +75,14 @@ async fn store_event(db: &TestDb, event_type: &str) -> Uuid {
         payload_sha256: sha,
         remote_addr: None,
     };
-    store::ingest(
+    let stored = store::ingest_batch(
         &mut db.pool.acquire().await.unwrap(),
-        &delivery,
+        std::slice::from_ref(&delivery),
         Origin::Http,
     )
     .await
-    .unwrap()
-    .1
+    .unwrap();
+    stored[0].1
 }
 
 async fn status_of(db: &TestDb, id: Uuid) -> String {
@@ -343,7 +343,7 @@ async fn a_worker_that_overran_its_lease_records_nothing_and_the_rescue_does() {
     let id = store_event(&setup.db, "application.complete").await;
 
     let outcomes = setup.worker.process_next().await.unwrap();
-    assert_eq!(outcomes, [AttemptOutcome::LeaseLost]);
+    assert_eq!(outcomes, [Processed::LeaseLost]);
     assert_eq!(
         status_of(&setup.db, id).await,
         "processing",
@@ -385,7 +385,7 @@ async fn a_sql_handler_that_overran_its_lease_leaves_no_effect_and_the_next_atte
     };
     let (outcomes, rescued) = tokio::join!(late, rescue);
     assert_eq!(rescued, 1, "the rescue took the event mid-handler");
-    assert_eq!(outcomes.unwrap(), [AttemptOutcome::LeaseLost]);
+    assert_eq!(outcomes.unwrap(), [Processed::LeaseLost]);
     assert_eq!(status_of(&setup.db, id).await, "retrying");
 
     assert_eq!(drive_until_finished(&setup, id).await, "succeeded");

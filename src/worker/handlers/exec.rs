@@ -12,12 +12,14 @@ const EXIT_PERMANENT: i32 = 65;
 /// How much of the program's stderr is kept for the attempt's `error`.
 const STDERR_KEPT: usize = 2048;
 
+/// Runs a program with the payload on stdin.
 pub struct ExecHandler {
     command: Vec<String>,
     timeout: Duration,
 }
 
 impl ExecHandler {
+    /// `command[0]` with the rest as arguments, killed after `timeout`.
     pub fn new(command: &[String], timeout: Duration) -> Self {
         Self {
             command: command.to_vec(),

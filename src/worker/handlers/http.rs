@@ -10,6 +10,7 @@ use crate::{
     worker::handler::{Event, ExternalHandler, HandlerError},
 };
 
+/// POSTs the raw payload downstream with `Idempotency-Key: <event id>`.
 pub struct HttpHandler {
     client: reqwest::Client,
     url: String,
@@ -18,12 +19,13 @@ pub struct HttpHandler {
 }
 
 impl HttpHandler {
+    /// A handler for `url`; `signing_key` re-signs with Standard Webhooks.
     pub fn new(
         url: &str,
         timeout: Duration,
         permanent_statuses: &[u16],
         signing_key: Option<Secret>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())

@@ -13,6 +13,7 @@ pub struct SqlHandler {
 }
 
 impl SqlHandler {
+    /// A handler that runs `statement` with the parameters it uses.
     pub fn new(statement: &str) -> Self {
         Self {
             statement: statement.to_owned(),

@@ -1,0 +1,93 @@
+//! What runs beside the claim loop: LISTEN for new events, lease rescue and
+//! the queue gauges.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use sqlx::{postgres::PgListener, PgPool};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{queue, Worker};
+
+/// The channel the inbox's trigger notifies when events are stored.
+const CHANNEL: &str = "hookbox_events";
+
+/// Lease rescue and the queue gauges, on their own task: a slow count over a
+/// large table never holds up claiming.
+pub(super) async fn housekeeping(worker: Arc<Worker>, shutdown: CancellationToken) {
+    let every = (worker.lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        match worker.rescue_expired_leases().await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("hookbox_lease_rescues_total").increment(n);
+                tracing::warn!(rescued = n, "expired leases rescued");
+            }
+            Err(error) => tracing::warn!(error = format!("{error:#}"), "lease rescue failed"),
+        }
+        record_gauges(&worker).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Queue depth, the oldest due event's age and pool usage, as gauges.
+async fn record_gauges(worker: &Worker) {
+    crate::telemetry::record_pool("worker", &worker.pool);
+    let Ok((counts, oldest)) = queue::depth(&worker.pool).await else {
+        return;
+    };
+    // Every status of every source with open events, zeros included, so a
+    // drained queue reads 0 rather than its last value.
+    let sources: BTreeSet<&str> = counts
+        .iter()
+        .map(|(source, _, _)| source.as_str())
+        .chain(worker.sources.iter().map(String::as_str))
+        .collect();
+    for source in sources {
+        for status in queue::GAUGED_STATUSES {
+            let n = counts
+                .iter()
+                .find(|(s, st, _)| s == source && *st == status)
+                .map_or(0, |(_, _, n)| *n);
+            metrics::gauge!("hookbox_events", "source" => source.to_owned(), "status" => status.as_str())
+                .set(n as f64);
+        }
+    }
+    metrics::gauge!("hookbox_oldest_due_seconds").set(oldest.unwrap_or(0.0));
+}
+
+/// Wakes the claim loop on every notification; reconnects after a database
+/// restart (polling covers the gap).
+pub(super) async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let connected = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        let mut listener = match connected {
+            Ok(listener) => listener,
+            Err(_) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                received = listener.try_recv() => match received {
+                    Ok(Some(_)) => wake.notify_one(),
+                    // The connection dropped: events may have come meanwhile.
+                    Ok(None) => wake.notify_one(),
+                    Err(_) => break,
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Completing claimed events: running their handlers and recording each
+//! outcome with its attempt row, only while the lease is still this worker's.
+//!
+//! Every path ends the same way ([`Worker::record_and_commit`]): the outcomes
+//! are written in one statement that re-checks each lease, and committed only
+//! if every one of them still held.
+
+use std::collections::HashSet;
+
+use sqlx::{PgConnection, Postgres, Transaction};
+use uuid::Uuid;
+
+use super::{
+    outcome::{self, Attempted, Processed},
+    queue,
+    registry::Runner,
+    Error, Event, Result, Routed, Worker,
+};
+
+impl Worker {
+    /// One transaction for the whole batch. Handlers usually succeed, so the
+    /// batch first runs without savepoints and takes its events' row locks at
+    /// the end, with the outcomes; if a handler fails or a lease turns out to
+    /// be lost, that transaction is rolled back (nothing of it survives) and
+    /// the batch runs again the careful way.
+    pub(super) async fn complete_in_one_transaction(
+        &self,
+        batch: &[Routed<'_>],
+    ) -> Result<Vec<Processed>> {
+        match self.complete_optimistically(batch).await? {
+            Some(processed) => Ok(processed),
+            None => self.complete_carefully(batch).await,
+        }
+    }
+
+    /// `None` if the batch needs the careful way; its transaction is rolled back.
+    async fn complete_optimistically(
+        &self,
+        batch: &[Routed<'_>],
+    ) -> Result<Option<Vec<Processed>>> {
+        let mut transaction = self.pool.begin().await?;
+        let mut recorded = Vec::with_capacity(batch.len());
+        for routed in batch {
+            let attempted = self.attempt_in(routed, &mut transaction, None).await?;
+            if matches!(attempted, Attempted::Ran(Err(_))) {
+                transaction.rollback().await?;
+                return Ok(None);
+            }
+            recorded.push((&routed.claimed.event, self.decide(routed, attempted)));
+        }
+        let processed = recorded
+            .iter()
+            .map(|(_, finish)| Processed::Recorded(finish.attempt_outcome))
+            .collect();
+        Ok(self
+            .record_and_commit(transaction, recorded)
+            .await?
+            .then_some(processed))
+    }
+
+    /// Locks the batch's events first, skipping those whose lease was lost;
+    /// each handler runs in a savepoint, so a failing event rolls back alone
+    /// while the others' effects commit together with their outcomes.
+    async fn complete_carefully(&self, batch: &[Routed<'_>]) -> Result<Vec<Processed>> {
+        let events: Vec<&Event> = batch.iter().map(|r| &r.claimed.event).collect();
+        let (mut transaction, held) = self.begin_holding(&events).await?;
+        let mut savepoint = Savepoint::default();
+        let mut recorded = Vec::with_capacity(batch.len());
+        let mut processed = Vec::with_capacity(batch.len());
+        for routed in batch {
+            let event = &routed.claimed.event;
+            if !held.contains(&event.id) {
+                outcome::log_lease_lost(event);
+                processed.push(Processed::LeaseLost);
+                continue;
+            }
+            let attempted = self
+                .attempt_in(routed, &mut transaction, Some(&mut savepoint))
+                .await?;
+            let finish = self.decide(routed, attempted);
+            processed.push(Processed::Recorded(finish.attempt_outcome));
+            recorded.push((event, finish));
+        }
+        if self.record_and_commit(transaction, recorded).await? {
+            Ok(processed)
+        } else {
+            // Unreachable while the row locks hold; nothing was committed.
+            Ok(vec![Processed::LeaseLost; batch.len()])
+        }
+    }
+
+    /// Runs one event's handler in `transaction`, inside `savepoint` if given.
+    async fn attempt_in(
+        &self,
+        routed: &Routed<'_>,
+        transaction: &mut PgConnection,
+        savepoint: Option<&mut Savepoint>,
+    ) -> Result<Attempted> {
+        let started = std::time::Instant::now();
+        let attempted = match self.runner(routed) {
+            Some(_) if !self.may_start(&routed.claimed, started) => Attempted::NotStarted,
+            None => Attempted::NoRoute,
+            Some(_) if routed.claimed.payload_missing => Attempted::PayloadPruned,
+            Some(Runner::External(_)) => {
+                unreachable!("external handlers complete on their own")
+            }
+            Some(Runner::InTransaction(handler)) => match savepoint {
+                Some(savepoint) => {
+                    savepoint.enter(transaction).await?;
+                    let result = handler.handle(&routed.claimed.event, transaction).await;
+                    savepoint.leave(transaction, result.is_ok()).await?;
+                    Attempted::Ran(result)
+                }
+                None => Attempted::Ran(handler.handle(&routed.claimed.event, transaction).await),
+            },
+        };
+        record_duration(routed.handler, started);
+        Ok(attempted)
+    }
+
+    /// External effects happen outside any transaction (and hold no
+    /// connection); their outcome is recorded afterwards if the lease still holds.
+    pub(super) async fn complete_external(&self, routed: Routed<'_>) -> Result<Processed> {
+        let _slot = self.slots.acquire().await.map_err(|_| Error::Stopped)?;
+        let event = &routed.claimed.event;
+        let Some(Runner::External(handler)) = self.runner(&routed) else {
+            unreachable!("only external handlers complete on their own");
+        };
+        let started = std::time::Instant::now();
+        let attempted = if !self.may_start(&routed.claimed, started) {
+            Attempted::NotStarted
+        } else {
+            Attempted::Ran(handler.handle(event).await)
+        };
+        record_duration(routed.handler, started);
+        let (transaction, held) = self.begin_holding(&[event]).await?;
+        if held.is_empty() {
+            outcome::log_lease_lost(event);
+            return Ok(Processed::LeaseLost);
+        }
+        let finish = self.decide(&routed, attempted);
+        let processed = Processed::Recorded(finish.attempt_outcome);
+        if self
+            .record_and_commit(transaction, vec![(event, finish)])
+            .await?
+        {
+            Ok(processed)
+        } else {
+            Ok(Processed::LeaseLost)
+        }
+    }
+
+    fn decide<'a>(&self, routed: &Routed<'a>, attempted: Attempted) -> queue::Finish<'a> {
+        outcome::decide(
+            &self.policy,
+            &routed.claimed.event,
+            routed.claimed.attempt_id,
+            routed.handler,
+            attempted,
+            rand::random_range(-1.0..=1.0),
+        )
+    }
+
+    /// Begins a transaction and locks those of `events` this worker still holds.
+    async fn begin_holding(
+        &self,
+        events: &[&Event],
+    ) -> Result<(Transaction<'static, Postgres>, HashSet<Uuid>)> {
+        let mut transaction = self.pool.begin().await?;
+        let held = queue::lock_held(&mut transaction, &self.id, events).await?;
+        Ok((transaction, held))
+    }
+
+    /// Records the outcomes and commits, if every event is still held in this
+    /// attempt; otherwise rolls back and returns `false`. Logs after the commit.
+    async fn record_and_commit(
+        &self,
+        mut transaction: Transaction<'static, Postgres>,
+        recorded: Vec<(&Event, queue::Finish<'_>)>,
+    ) -> Result<bool> {
+        let finishes: Vec<&queue::Finish<'_>> = recorded.iter().map(|(_, f)| f).collect();
+        if queue::finish(&mut transaction, &self.id, &finishes).await? < finishes.len() {
+            transaction.rollback().await?;
+            return Ok(false);
+        }
+        transaction.commit().await?;
+        for (event, finish) in &recorded {
+            outcome::log_outcome(event, finish);
+        }
+        Ok(true)
+    }
+}
+
+/// One savepoint reused through a batch: a success releases it and sets the
+/// next in the same round trip; a failure rolls back to it, which keeps it.
+#[derive(Default)]
+struct Savepoint {
+    open: bool,
+    needs_renewal: bool,
+}
+
+impl Savepoint {
+    async fn enter(&mut self, transaction: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let statement = match (self.open, self.needs_renewal) {
+            (false, _) => "SAVEPOINT hookbox_event",
+            (true, true) => "RELEASE SAVEPOINT hookbox_event; SAVEPOINT hookbox_event",
+            (true, false) => return Ok(()),
+        };
+        sqlx::Executor::execute(transaction, statement).await?;
+        self.open = true;
+        self.needs_renewal = false;
+        Ok(())
+    }
+
+    async fn leave(
+        &mut self,
+        transaction: &mut PgConnection,
+        succeeded: bool,
+    ) -> Result<(), sqlx::Error> {
+        if succeeded {
+            self.needs_renewal = true;
+        } else {
+            sqlx::Executor::execute(transaction, "ROLLBACK TO SAVEPOINT hookbox_event").await?;
+        }
+        Ok(())
+    }
+}
+
+fn record_duration(handler: Option<&str>, started: std::time::Instant) {
+    if let Some(name) = handler {
+        metrics::histogram!("hookbox_handler_seconds", "handler" => name.to_owned())
+            .record(started.elapsed().as_secs_f64());
+    }
+}
