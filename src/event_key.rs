@@ -36,6 +36,10 @@ pub enum ExtractError {
     MissingHeader(String),
     #[error("event key header {0} is not valid UTF-8")]
     BadHeader(String),
+    #[error("ordering key field {0} is missing")]
+    MissingOrderingKey(String),
+    #[error("order_by field {0} is missing or not a time (integer seconds or RFC 3339)")]
+    BadOrderBy(String),
 }
 
 impl ExtractError {
@@ -45,6 +49,8 @@ impl ExtractError {
             Self::NotJson => "invalid_json",
             Self::MissingJsonField(_) | Self::MissingHeader(_) => "missing_event_key",
             Self::BadHeader(_) => "invalid_event_key",
+            Self::MissingOrderingKey(_) => "missing_ordering_key",
+            Self::BadOrderBy(_) => "invalid_order_by",
         }
     }
 }
@@ -57,6 +63,83 @@ pub struct EventFields<'a> {
     /// The payload as JSON text, when it is JSON PostgreSQL's `jsonb` can hold
     /// (it cannot hold `\u0000`; such payloads keep their bytes only).
     pub json_text: Option<&'a str>,
+    /// Where it stands among its source's events, for a source with an `ordering_key`.
+    pub ordering: Option<EventOrdering>,
+}
+
+/// How a source orders its events (`ordering_key`, `order_by`, `on_dead`, `stale`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderingSpec {
+    /// Events with the same key run one at a time, in order.
+    pub key: EventKeySpec,
+    /// The sender's time (a JSON pointer to integer seconds or RFC 3339);
+    /// `None`: the order received.
+    pub order_by: Option<String>,
+    /// `on_dead = "block"`: a dead event holds back the rest of its key.
+    pub dead_blocks: bool,
+    /// `stale = "skip"`: an event older than one already finished ends `skipped`.
+    pub skip_if_stale: bool,
+}
+
+/// An ordered event's place, as stored with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventOrdering {
+    pub key: String,
+    /// The sender's time; `None`: the time it is stored.
+    pub ordered_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub dead_blocks: bool,
+    pub skip_if_stale: bool,
+}
+
+impl OrderingSpec {
+    pub fn needs_json(&self) -> bool {
+        self.key.needs_json() || self.order_by.is_some()
+    }
+
+    /// The event's key and time; a missing key or time is the sender's error (a 400).
+    pub fn extract(
+        &self,
+        json: Option<&serde_json::Value>,
+        headers: &(impl HeaderLookup + ?Sized),
+    ) -> Result<EventOrdering, ExtractError> {
+        let key = self
+            .key
+            .extract("", json, headers)
+            .map_err(|error| match error {
+                ExtractError::MissingJsonField(field) | ExtractError::MissingHeader(field) => {
+                    ExtractError::MissingOrderingKey(field)
+                }
+                other => other,
+            })?;
+        let ordered_at = match &self.order_by {
+            None => None,
+            Some(pointer) => Some(
+                json.and_then(|json| json.pointer(pointer))
+                    .and_then(sender_time)
+                    .ok_or_else(|| ExtractError::BadOrderBy(pointer.clone()))?,
+            ),
+        };
+        Ok(EventOrdering {
+            key,
+            ordered_at,
+            dead_blocks: self.dead_blocks,
+            skip_if_stale: self.skip_if_stale,
+        })
+    }
+}
+
+/// Integer (or fractional) seconds since the epoch, or an RFC 3339 time.
+fn sender_time(value: &serde_json::Value) -> Option<chrono::DateTime<chrono::Utc>> {
+    match value {
+        serde_json::Value::Number(n) => {
+            let seconds = n.as_f64()?;
+            chrono::DateTime::from_timestamp_micros((seconds * 1e6).round() as i64)
+        }
+        serde_json::Value::String(text) => chrono::DateTime::parse_from_rfc3339(text)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc)),
+        _ => None,
+    }
 }
 
 impl<'a> EventFields<'a> {
@@ -65,16 +148,24 @@ impl<'a> EventFields<'a> {
     pub fn extract(
         key: &EventKeySpec,
         kind: Option<&FieldSpec>,
+        ordering: Option<&OrderingSpec>,
         payload: &'a [u8],
         payload_sha256: &str,
         headers: &(impl HeaderLookup + ?Sized),
     ) -> Result<Self, ExtractError> {
         let json: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
-        if json.is_none() && (key.needs_json() || kind.is_some_and(FieldSpec::needs_json)) {
+        if json.is_none()
+            && (key.needs_json()
+                || kind.is_some_and(FieldSpec::needs_json)
+                || ordering.is_some_and(OrderingSpec::needs_json))
+        {
             return Err(ExtractError::NotJson);
         }
         let event_key = key.extract(payload_sha256, json.as_ref(), headers)?;
         let event_type = kind.and_then(|spec| spec.extract(json.as_ref(), headers));
+        let ordering = ordering
+            .map(|spec| spec.extract(json.as_ref(), headers))
+            .transpose()?;
         let json_text = json
             .as_ref()
             .and_then(|_| std::str::from_utf8(payload).ok())
@@ -83,6 +174,7 @@ impl<'a> EventFields<'a> {
             event_key,
             event_type,
             json_text,
+            ordering,
         })
     }
 }
@@ -276,6 +368,46 @@ mod tests {
         let headers = [("Webhook-Id", "msg_1")];
         assert_eq!(spec.extract("", None, headers.as_slice()).unwrap(), "msg_1");
         assert!(spec.extract("", None, NO_HEADERS).is_err());
+    }
+
+    #[test]
+    fn an_ordering_key_and_the_senders_time_are_read_from_the_payload() {
+        let spec = OrderingSpec {
+            key: EventKeySpec::Json(vec!["/uid".into()]),
+            order_by: Some("/created".into()),
+            dead_blocks: true,
+            skip_if_stale: false,
+        };
+        let seconds = serde_json::json!({"uid": "u1", "created": 1_700_000_000});
+        let ordering = spec.extract(Some(&seconds), NO_HEADERS).unwrap();
+        assert_eq!(ordering.key, "u1");
+        assert_eq!(ordering.ordered_at.unwrap().timestamp(), 1_700_000_000);
+        let text = serde_json::json!({"uid": "u1", "created": "2026-11-22T10:00:00Z"});
+        let ordering = spec.extract(Some(&text), NO_HEADERS).unwrap();
+        assert_eq!(
+            ordering.ordered_at.unwrap().to_rfc3339(),
+            "2026-11-22T10:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn a_missing_ordering_key_or_time_is_named() {
+        let spec = OrderingSpec {
+            key: EventKeySpec::Json(vec!["/uid".into()]),
+            order_by: Some("/created".into()),
+            dead_blocks: true,
+            skip_if_stale: false,
+        };
+        let no_key = spec.extract(Some(&serde_json::json!({"created": 1})), NO_HEADERS);
+        assert_eq!(
+            no_key.unwrap_err().to_string(),
+            "ordering key field /uid is missing"
+        );
+        let no_time = spec.extract(
+            Some(&serde_json::json!({"uid": "u", "created": "soon"})),
+            NO_HEADERS,
+        );
+        assert_eq!(no_time.unwrap_err().reason(), "invalid_order_by");
     }
 
     #[test]

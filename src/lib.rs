@@ -15,6 +15,7 @@ pub mod config;
 pub mod db;
 pub mod duration;
 pub mod event_key;
+pub mod glob;
 pub mod headers;
 #[cfg(feature = "cli")]
 pub mod ops;

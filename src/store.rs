@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::status::DeliveryOutcome;
+use crate::{event_key::EventOrdering, status::DeliveryOutcome};
 
 /// A verified delivery, ready to be stored.
 #[derive(Clone, Debug)]
@@ -15,6 +15,8 @@ pub struct NewDelivery {
     pub environment: String,
     pub event_key: String,
     pub event_type: Option<String>,
+    /// For a source with an `ordering_key`: the event's key and time.
+    pub ordering: Option<EventOrdering>,
     pub payload: Vec<u8>,
     /// The payload as JSON text, when it is JSON PostgreSQL can store.
     pub payload_json: Option<String>,
@@ -151,22 +153,42 @@ async fn ingest_statement(
         .map(|d| d.remote_addr.map(|ip| ip.to_string()))
         .collect();
     let payloads: Vec<&[u8]> = batch.iter().map(|d| d.payload.as_slice()).collect();
+    let ordering = |f: fn(&EventOrdering) -> bool| -> Vec<Option<bool>> {
+        batch.iter().map(|d| d.ordering.as_ref().map(f)).collect()
+    };
+    let ordering_keys: Vec<Option<&str>> = batch
+        .iter()
+        .map(|d| d.ordering.as_ref().map(|o| o.key.as_str()))
+        .collect();
+    let ordered_at: Vec<Option<chrono::DateTime<chrono::Utc>>> = batch
+        .iter()
+        .map(|d| d.ordering.as_ref().and_then(|o| o.ordered_at))
+        .collect();
+    let dead_blocks = ordering(|o| o.dead_blocks);
+    let skip_if_stale = ordering(|o| o.skip_if_stale);
     let rows = sqlx::query!(
         r#"
         WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                 $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[])
+                                 $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[],
+                                 $12::text[], $13::timestamptz[], $14::bool[], $15::bool[])
                           WITH ORDINALITY
                      AS i(id, source, environment, event_key, event_type,
-                          payload, payload_json, headers, payload_sha256, remote_addr, position)
+                          payload, payload_json, headers, payload_sha256, remote_addr,
+                          ordering_key, ordered_at, dead_blocks, skip_if_stale, position)
         ), first AS (
             SELECT DISTINCT ON (source, event_key) *
             FROM input ORDER BY source, event_key, position
         ), inserted AS (
             INSERT INTO inbox_events (id, source, environment, event_key, event_type,
-                                      payload, payload_json, headers, payload_sha256)
+                                      payload, payload_json, headers, payload_sha256,
+                                      ordering_key, ordered_at, ordering_seq, dead_blocks, skip_if_stale)
             SELECT id, source, environment, event_key, event_type,
-                   payload, payload_json::jsonb, headers::jsonb, payload_sha256
+                   payload, payload_json::jsonb, headers::jsonb, payload_sha256,
+                   ordering_key,
+                   CASE WHEN ordering_key IS NOT NULL THEN coalesce(ordered_at, now()) END,
+                   CASE WHEN ordering_key IS NOT NULL THEN nextval('inbox_ordering_seq') END,
+                   dead_blocks, skip_if_stale
             FROM first ORDER BY position
             ON CONFLICT (source, event_key) DO NOTHING
             RETURNING id, source, event_key, payload_sha256
@@ -205,6 +227,10 @@ async fn ingest_statement(
         &shas as &[Option<&str>],
         &addresses as &[Option<String>],
         origin.delivery_outcome() as DeliveryOutcome,
+        &ordering_keys as &[Option<&str>],
+        &ordered_at as &[Option<chrono::DateTime<chrono::Utc>>],
+        &dead_blocks as &[Option<bool>],
+        &skip_if_stale as &[Option<bool>],
     )
     .fetch_all(&mut *conn)
     .await?;

@@ -1,6 +1,7 @@
 //! The `hookbox` operator command.
 
 mod dev;
+mod flow;
 mod loadtest;
 mod operate;
 mod output;
@@ -69,6 +70,12 @@ pub enum Command {
     },
     /// Run finished events again (by ids or by filter).
     Replay(operate::ReplayArgs),
+    /// End waiting events as `skipped`, releasing their ordering key.
+    Skip(flow::SkipArgs),
+    /// Stop workers from starting new work for a source or a handler.
+    Pause(flow::PauseArgs),
+    /// Let workers start work for a paused source or handler again.
+    Resume(flow::PauseArgs),
     /// Drop old payloads (keys stay) and old audit rows.
     Prune(operate::PruneArgs),
     /// Feed events obtained out of band (JSON Lines) into the inbox.
@@ -120,6 +127,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Events { command } => operate::events(&cli.common, command).await,
         Command::Replay(args) => operate::replay(&cli.common, args).await,
         Command::Prune(args) => operate::prune(&cli.common, args).await,
+        Command::Skip(args) => flow::skip(&cli.common, args).await,
+        Command::Pause(args) => flow::pause(&cli.common, args, false).await,
+        Command::Resume(args) => flow::pause(&cli.common, args, true).await,
         Command::Import(args) => operate::import(&cli.common, args).await,
         Command::Loadtest(args) => loadtest::run(&cli.common, args).await,
     }

@@ -86,6 +86,9 @@ pub enum EventsCommand {
     List {
         #[command(flatten)]
         filter: FilterArgs,
+        /// Only ordered events held back, with the event that holds each.
+        #[arg(long)]
+        blocked: bool,
         #[arg(long, default_value_t = 50)]
         limit: i64,
         #[arg(long)]
@@ -151,7 +154,9 @@ pub struct ImportArgs {
     pub batch_size: usize,
 }
 
-async fn connect(common: &CommonArgs) -> anyhow::Result<(crate::config::Config, PgPool)> {
+pub(super) async fn connect(
+    common: &CommonArgs,
+) -> anyhow::Result<(crate::config::Config, PgPool)> {
     let config = common.load_config()?;
     let pool = db::pool(
         &config.database_url()?,
@@ -205,6 +210,25 @@ pub async fn status(common: &CommonArgs, args: StatusArgs) -> anyhow::Result<Exi
         "LAST FAILURE",
     ];
     print!("{}", output::table(&headers, &rows));
+    for pause in ops::flow::pauses(&pool).await? {
+        println!(
+            "paused: {} {} since {} by {}: {}",
+            pause.kind,
+            pause.name,
+            output::time(Some(pause.paused_at)),
+            pause.actor,
+            pause.reason
+        );
+    }
+    for circuit in ops::flow::open_circuits(&pool).await? {
+        println!(
+            "circuit {}: handler {} after {} failures, until {}",
+            circuit.circuit,
+            circuit.handler,
+            circuit.failures,
+            output::time(circuit.open_until)
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -212,6 +236,47 @@ pub async fn events(common: &CommonArgs, command: EventsCommand) -> anyhow::Resu
     let (_, pool) = connect(common).await?;
     match command {
         EventsCommand::List {
+            blocked: true,
+            filter,
+            limit,
+            json,
+        } => {
+            let blocked = ops::flow::blocked(&pool, filter.source.as_deref(), limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&blocked)?);
+            } else {
+                let rows: Vec<Vec<String>> = blocked
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            b.id.to_string(),
+                            b.source.clone(),
+                            b.ordering_key.clone(),
+                            b.status.to_string(),
+                            b.blocked_by.to_string(),
+                            b.blocked_by_status.to_string(),
+                            b.blocked_by_error
+                                .as_deref()
+                                .map(|s| s.chars().take(50).collect())
+                                .unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                let headers = [
+                    "ID",
+                    "SOURCE",
+                    "ORDERING KEY",
+                    "STATUS",
+                    "BLOCKED BY",
+                    "ITS STATUS",
+                    "ITS ERROR",
+                ];
+                print!("{}", output::table(&headers, &rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        EventsCommand::List {
+            blocked: false,
             filter,
             limit,
             json,

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 pub use sections::*;
 
 use crate::{
-    event_key::{EventKeySpec, FieldSpec},
+    event_key::{EventKeySpec, FieldSpec, OrderingSpec},
     secret::Secret,
     signature::{Algorithm, Encoding, HmacParams, Scheme},
 };
@@ -54,13 +54,40 @@ pub struct Source {
     pub allow_ips: Vec<IpNet>,
     pub rate_limit: Option<RateLimitSection>,
     pub tolerance: Duration,
+    /// Flow control: the source's events are ordered by this key.
+    pub ordering: Option<OrderingSpec>,
 }
 
 /// A `[handler.NAME]` table with its secrets resolved.
 #[derive(Clone, Debug)]
 pub struct HandlerConfig {
     pub section: HandlerSection,
+    /// Limits and circuit, shared by every worker process.
+    pub flow: HandlerFlow,
     pub signing_key: Option<Secret>,
+}
+
+/// A handler's flow-control limits, checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HandlerFlow {
+    pub max_in_flight: Option<u32>,
+    /// Attempts started per second, and the burst.
+    pub rate: Option<(f64, f64)>,
+    pub circuit: Option<Circuit>,
+}
+
+impl HandlerFlow {
+    /// Whether the database must keep state for this handler.
+    pub fn is_limited(&self) -> bool {
+        self.max_in_flight.is_some() || self.rate.is_some() || self.circuit.is_some()
+    }
+}
+
+/// `circuit = { failures, cool_down }`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Circuit {
+    pub failures: u32,
+    pub cool_down: Duration,
 }
 
 /// Where secrets and the database URL are read from: the process environment
@@ -188,8 +215,8 @@ impl Checker<'_> {
         self.check_plain_http(&file.receiver, &sources)?;
 
         let mut handlers = BTreeMap::new();
-        for (name, section) in file.handler {
-            let handler = self.check_handler(&name, section)?;
+        for (name, table) in file.handler {
+            let handler = self.check_handler(&name, table.section, &table.flow)?;
             handlers.insert(name, handler);
         }
         for (i, route) in file.route.iter().enumerate() {
@@ -380,6 +407,7 @@ impl Checker<'_> {
                 );
             }
         }
+        let ordering = self.check_ordering(i, &section)?;
         let event_type = section
             .event_type
             .or_else(|| default_event_type(section.scheme));
@@ -393,7 +421,56 @@ impl Checker<'_> {
             allow_ips,
             rate_limit: section.rate_limit,
             tolerance: section.tolerance.0,
+            ordering,
         })
+    }
+
+    fn check_ordering(
+        &self,
+        i: usize,
+        section: &SourceSection,
+    ) -> Result<Option<OrderingSpec>, ConfigError> {
+        let key = |field: &str| format!("source[{i}].{field}");
+        let Some(ordering_key) = section.ordering_key.clone() else {
+            let stray = [
+                ("order_by", section.order_by.is_some()),
+                ("stale", section.stale.is_some()),
+                ("on_dead", section.on_dead.is_some()),
+            ];
+            return match stray.into_iter().find(|(_, present)| *present) {
+                Some((field, _)) => Err(self.error(key(field), "only applies with ordering_key")),
+                None => Ok(None),
+            };
+        };
+        if ordering_key == EventKeySpec::BodySha256 {
+            return Err(self.error(
+                key("ordering_key"),
+                "name what events share: { json = [\"/uid\"] } or { header = \"...\" }",
+            ));
+        }
+        let order_by = match &section.order_by {
+            None => None,
+            Some(FieldSpec::Json(pointer)) => Some(pointer.clone()),
+            Some(FieldSpec::Header(_)) => {
+                return Err(self.error(
+                    key("order_by"),
+                    "the sender's time is read from the payload: { json = \"/created\" }",
+                ));
+            }
+        };
+        let skip_if_stale = section.stale.unwrap_or_default() == StalePolicy::Skip;
+        if skip_if_stale && order_by.is_none() {
+            return Err(self.error(
+                key("stale"),
+                "stale = \"skip\" needs order_by: in the order received, no event is older than one already finished",
+            ));
+        }
+        Ok(Some(OrderingSpec {
+            key: ordering_key,
+            order_by,
+            dead_blocks: section.on_dead.unwrap_or_default() == OnDead::Block,
+            skip_if_stale,
+        }))
     }
 
     fn check_scheme(&self, i: usize, section: &SourceSection) -> Result<Scheme, ConfigError> {
@@ -516,6 +593,7 @@ impl Checker<'_> {
         &self,
         name: &str,
         section: HandlerSection,
+        flow: &HandlerFlowSection,
     ) -> Result<HandlerConfig, ConfigError> {
         let key = |field: &str| format!("handler.{name}.{field}");
         let mut signing_key = None;
@@ -579,9 +657,57 @@ impl Checker<'_> {
             }
             _ => {}
         }
+        let flow = self.check_handler_flow(name, &section, flow)?;
         Ok(HandlerConfig {
             section,
+            flow,
             signing_key,
+        })
+    }
+
+    fn check_handler_flow(
+        &self,
+        name: &str,
+        section: &HandlerSection,
+        flow: &HandlerFlowSection,
+    ) -> Result<HandlerFlow, ConfigError> {
+        let key = |field: &str| format!("handler.{name}.{field}");
+        if flow.max_in_flight == Some(0) {
+            return Err(self.error(key("max_in_flight"), "must be at least 1"));
+        }
+        if let Some(limit) = flow.rate_limit {
+            if limit.per_second == 0 || limit.burst == 0 {
+                return Err(
+                    self.error(key("rate_limit"), "per_second and burst must be at least 1")
+                );
+            }
+        }
+        if let Some(circuit) = flow.circuit {
+            if matches!(
+                section,
+                HandlerSection::Sql { .. } | HandlerSection::Library {}
+            ) {
+                return Err(self.error(
+                    key("circuit"),
+                    "only for handlers that call out (http, exec): a transactional handler's failures roll back with it",
+                ));
+            }
+            if circuit.failures == 0 || circuit.cool_down.0.is_zero() {
+                return Err(self.error(
+                    key("circuit"),
+                    "failures must be at least 1 and cool_down more than 0",
+                ));
+            }
+        }
+        Ok(HandlerFlow {
+            max_in_flight: flow.max_in_flight,
+            rate: flow
+                .rate_limit
+                .map(|limit| (f64::from(limit.per_second), f64::from(limit.burst))),
+            circuit: flow.circuit.map(|c| Circuit {
+                failures: c.failures,
+                cool_down: c.cool_down.0,
+            }),
         })
     }
 }

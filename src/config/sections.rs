@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
-use serde::Deserialize;
+use serde::{de, Deserialize, Deserializer};
 
 use crate::{
     duration::HumanDuration,
@@ -25,7 +25,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub route: Vec<RouteSection>,
     #[serde(default)]
-    pub handler: BTreeMap<String, HandlerSection>,
+    pub handler: BTreeMap<String, HandlerTable>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -186,6 +186,16 @@ pub struct SourceSection {
     pub rate_limit: Option<RateLimitSection>,
     #[serde(default = "default_tolerance")]
     pub tolerance: HumanDuration,
+    /// Flow control: events sharing this key run one at a time, in order.
+    #[serde(default)]
+    pub ordering_key: Option<EventKeySpec>,
+    /// The sender's time (`{ json = "/created" }`); default: the order received.
+    #[serde(default)]
+    pub order_by: Option<FieldSpec>,
+    #[serde(default)]
+    pub stale: Option<StalePolicy>,
+    #[serde(default)]
+    pub on_dead: Option<OnDead>,
     /// `hmac` scheme only.
     #[serde(default)]
     pub header: Option<String>,
@@ -210,6 +220,73 @@ fn default_tolerance() -> HumanDuration {
 pub struct RateLimitSection {
     pub per_second: u32,
     pub burst: u32,
+}
+
+/// `stale`: what becomes of an event older (by `order_by`) than one of its
+/// key that has already finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StalePolicy {
+    #[default]
+    Process,
+    Skip,
+}
+
+/// `on_dead`: whether a dead event holds back the rest of its key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDead {
+    #[default]
+    Block,
+    Continue,
+}
+
+/// A `[handler.NAME]` table: its kind's keys, and the flow-control keys every
+/// kind shares.
+#[derive(Clone, Debug)]
+pub struct HandlerTable {
+    pub section: HandlerSection,
+    pub flow: HandlerFlowSection,
+}
+
+/// Limits shared by every worker process.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerFlowSection {
+    /// Attempts running at once, across all workers.
+    pub max_in_flight: Option<u32>,
+    /// Attempts started per second, across all workers.
+    pub rate_limit: Option<RateLimitSection>,
+    /// `http` and `exec`: consecutive retryable failures open the circuit.
+    pub circuit: Option<CircuitSection>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitSection {
+    pub failures: u32,
+    pub cool_down: HumanDuration,
+}
+
+const FLOW_KEYS: [&str; 3] = ["max_in_flight", "rate_limit", "circuit"];
+
+impl<'de> Deserialize<'de> for HandlerTable {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let mut flow = toml::Table::new();
+        for key in FLOW_KEYS {
+            if let Some(value) = table.remove(key) {
+                flow.insert(key.to_owned(), value);
+            }
+        }
+        let flow = toml::Value::Table(flow)
+            .try_into::<HandlerFlowSection>()
+            .map_err(|e| de::Error::custom(e.message().trim()))?;
+        let section = toml::Value::Table(table)
+            .try_into::<HandlerSection>()
+            .map_err(|e| de::Error::custom(e.message().trim()))?;
+        Ok(Self { section, flow })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

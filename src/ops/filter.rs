@@ -33,7 +33,7 @@ impl EventFilter {
 
     /// The type glob as a `LIKE` pattern (`NULL` when there is none).
     pub fn type_pattern(&self) -> Option<String> {
-        self.event_type.as_deref().map(glob_to_like)
+        self.event_type.as_deref().map(crate::glob::to_like)
     }
 }
 
@@ -43,22 +43,6 @@ pub fn parse_status(text: &str) -> Result<EventStatus, String> {
         let known: Vec<&str> = EventStatus::ALL.iter().map(|s| s.as_str()).collect();
         format!("not one of {}", known.join(", "))
     })
-}
-
-fn glob_to_like(glob: &str) -> String {
-    let mut like = String::with_capacity(glob.len());
-    for c in glob.chars() {
-        match c {
-            '*' => like.push('%'),
-            '?' => like.push('_'),
-            '%' | '_' | '\\' => {
-                like.push('\\');
-                like.push(c);
-            }
-            other => like.push(other),
-        }
-    }
-    like
 }
 
 /// `--since`/`--until`: RFC 3339, or a duration meaning "that long ago".
@@ -76,15 +60,6 @@ pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs_become_like_patterns_with_literals_escaped() {
-        assert_eq!(
-            glob_to_like("psychometric_score.*"),
-            "psychometric\\_score.%"
-        );
-        assert_eq!(glob_to_like("a?c%"), "a_c\\%");
-    }
 
     #[test]
     fn times_are_rfc3339_or_durations_ago() {

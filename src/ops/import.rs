@@ -143,6 +143,7 @@ fn parse<'a>(
     match EventFields::extract(
         &source.event_key,
         source.event_type.as_ref(),
+        source.ordering.as_ref(),
         payload,
         &sha,
         no_headers,
@@ -168,6 +169,7 @@ async fn import_batch(
             continue;
         };
         deliveries.push(NewDelivery {
+            ordering: fields.ordering,
             source: source.name.clone(),
             environment: source.environment.clone(),
             event_key: fields.event_key,

@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod filter;
+pub mod flow;
 pub mod import;
 pub mod prune;
 pub mod replay;

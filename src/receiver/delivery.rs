@@ -143,6 +143,7 @@ async fn accept(
     let fields = EventFields::extract(
         &source.event_key,
         source.event_type.as_ref(),
+        source.ordering.as_ref(),
         &body,
         &payload_sha256,
         headers,
@@ -154,6 +155,7 @@ async fn accept(
         environment: source.environment.clone(),
         event_key: fields.event_key,
         event_type: fields.event_type,
+        ordering: fields.ordering,
         payload_json: fields.json_text.map(str::to_owned),
         payload: body.to_vec(),
         headers: stored_headers(request, &runtime.private_headers),

@@ -57,6 +57,31 @@ async fn record_gauges(worker: &Worker) {
         }
     }
     metrics::gauge!("hookbox_oldest_due_seconds").set(oldest.unwrap_or(0.0));
+    if let Ok(flow) = queue::flow_state(&worker.pool).await {
+        record_flow(worker, &flow);
+    }
+}
+
+/// Pauses (1 while paused), circuits (1 while open or probing) and every
+/// circuit change, from the database.
+fn record_flow(worker: &Worker, flow: &queue::FlowState) {
+    let paused = |kind: &str, name: &str| flow.pauses.iter().any(|(k, n)| k == kind && n == name);
+    for source in &worker.sources {
+        metrics::gauge!("hookbox_paused", "kind" => "source", "name" => source.clone())
+            .set(f64::from(u8::from(paused("source", source))));
+    }
+    for handler in worker.handlers.keys() {
+        metrics::gauge!("hookbox_paused", "kind" => "handler", "name" => handler.clone())
+            .set(f64::from(u8::from(paused("handler", handler))));
+    }
+    for (handler, circuit) in &flow.circuits {
+        metrics::gauge!("hookbox_circuit_open", "handler" => handler.clone())
+            .set(f64::from(u8::from(circuit != "closed")));
+    }
+    for (handler, change, n) in &flow.changes {
+        metrics::counter!("hookbox_circuit_changes_total", "handler" => handler.clone(), "change" => change.clone())
+            .absolute(*n as u64);
+    }
 }
 
 /// Wakes the claim loop on every notification; reconnects after a database

@@ -100,6 +100,7 @@ impl Worker {
         let attempted = match self.runner(routed) {
             Some(_) if !self.may_start(&routed.claimed, started) => Attempted::NotStarted,
             None => Attempted::NoRoute,
+            Some(_) if routed.claimed.stale => Attempted::Stale,
             Some(_) if routed.claimed.payload_missing => Attempted::PayloadPruned,
             Some(Runner::External(_)) => {
                 unreachable!("external handlers complete on their own")
@@ -133,10 +134,15 @@ impl Worker {
             Attempted::Ran(handler.handle(event).await)
         };
         record_duration(routed.handler, started);
-        let (transaction, held) = self.begin_holding(&[event]).await?;
+        let (mut transaction, held) = self.begin_holding(&[event]).await?;
         if held.is_empty() {
             outcome::log_lease_lost(event);
             return Ok(Processed::LeaseLost);
+        }
+        if let (Some(name), Attempted::Ran(result)) = (routed.handler, &attempted) {
+            if let Some(circuit) = self.circuits.get(name) {
+                queue::record_circuit(&mut transaction, name, event.id, circuit, result).await?;
+            }
         }
         let finish = self.decide(&routed, attempted);
         let processed = Processed::Recorded(finish.attempt_outcome);

@@ -33,7 +33,6 @@ pub use outcome::Processed;
 pub use registry::LibraryHandlers;
 use registry::Runner;
 use retry::RetryPolicy;
-use routing::Router;
 
 /// A worker process's engine: claims due events in batches under a lease,
 /// runs their handlers and records every attempt. Run as many as needed, on
@@ -92,7 +91,9 @@ use routing::Router;
 pub struct Worker {
     pool: PgPool,
     id: String,
-    router: Router,
+    plan: queue::ClaimPlan,
+    /// Handlers with a circuit: their attempts' outcomes open and close it.
+    circuits: HashMap<String, crate::config::Circuit>,
     handlers: HashMap<String, Runner>,
     policy: RetryPolicy,
     lease: Duration,
@@ -121,7 +122,12 @@ impl Worker {
         Ok(Self {
             pool,
             id: worker_id(),
-            router: Router::new(&config.routes),
+            plan: queue::ClaimPlan::new(config),
+            circuits: config
+                .handlers
+                .iter()
+                .filter_map(|(name, h)| h.flow.circuit.map(|c| (name.clone(), c)))
+                .collect(),
             handlers: registry::build(&config.handlers, library)?,
             policy: RetryPolicy::from(&config.worker.retry),
             lease: config.worker.lease.0,
@@ -149,8 +155,14 @@ impl Worker {
             .acquire_owned()
             .await
             .map_err(|_| Error::Stopped)?;
-        let claimed =
-            queue::claim(&self.pool, &self.id, self.batch_size as i64, self.lease).await?;
+        let claimed = queue::claim(
+            &self.pool,
+            &self.id,
+            self.batch_size as i64,
+            self.lease,
+            &self.plan,
+        )
+        .await?;
         self.process_batch(claimed, slot).await
     }
 
@@ -170,13 +182,17 @@ impl Worker {
         let (external, transactional): (Vec<_>, Vec<_>) = claimed
             .into_iter()
             .map(|claimed| {
-                let handler = self
-                    .router
-                    .route(&claimed.event.source, claimed.event.event_type.as_deref());
+                // The database routed it when it claimed it.
+                let handler = claimed
+                    .handler
+                    .as_deref()
+                    .and_then(|name| self.handlers.get_key_value(name))
+                    .map(|(name, _)| name.as_str());
                 Routed { claimed, handler }
             })
             .partition(|routed| {
                 !routed.claimed.payload_missing
+                    && !routed.claimed.stale
                     && matches!(self.runner(routed), Some(Runner::External(_)))
             });
         let mut processed = Vec::new();
@@ -226,6 +242,7 @@ impl Worker {
                     &worker.id,
                     worker.batch_size as i64,
                     worker.lease,
+                    &worker.plan,
                 )
                 .await
                 {

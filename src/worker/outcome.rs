@@ -9,6 +9,8 @@ use crate::status::{AttemptOutcome, EventStatus};
 const ERROR_LIMIT: usize = 1000;
 
 pub(super) const PAYLOAD_PRUNED: &str = "payload was pruned; nothing to process";
+/// The reason a stale event is skipped; it starts with `stale` for operators' SQL.
+pub(super) const STALE: &str = "stale: an event of its key ordered after it has already finished";
 
 /// What became of one claimed event in this worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +28,8 @@ pub(super) enum Attempted {
     PayloadPruned,
     /// Not started: the worker is stopping or the lease is nearly over.
     NotStarted,
+    /// Ordered after an event of its key that already finished (`stale = "skip"`).
+    Stale,
     Ran(Result<(), HandlerError>),
 }
 
@@ -64,6 +68,12 @@ pub(super) fn decide<'a>(
             );
             finish(EventStatus::Skipped, AttemptOutcome::Skipped, Some(why), None)
         }
+        Attempted::Stale => finish(
+            EventStatus::Skipped,
+            AttemptOutcome::Skipped,
+            Some(STALE.into()),
+            None,
+        ),
         Attempted::PayloadPruned => finish(
             EventStatus::Dead,
             AttemptOutcome::Dead,

@@ -5,7 +5,8 @@ use std::{collections::HashSet, time::Duration};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::handler::Event;
+use super::{handler::Event, routing::RouteTable};
+use crate::config::Config;
 use crate::status::{AttemptOutcome, EventStatus};
 
 /// The statuses the queue gauges report: those an operator waits on.
@@ -20,6 +21,11 @@ pub const GAUGED_STATUSES: [EventStatus; 4] = [
 pub struct Claimed {
     pub event: Event,
     pub attempt_id: i64,
+    /// The handler the event's route names (`None`: no route matches).
+    pub handler: Option<String>,
+    /// Ordered after an event of its key that has already finished, in a
+    /// source with `stale = "skip"`: it ends `skipped` without running.
+    pub stale: bool,
     /// NULL payload: pruned before a replay asked for it again.
     pub payload_missing: bool,
     /// A handler that has not started by then does not start: the lease would
@@ -27,41 +33,72 @@ pub struct Claimed {
     pub start_by: std::time::Instant,
 }
 
+/// What a worker may claim: the sources it knows, its routes, and the
+/// handlers whose limits and circuits the database keeps.
+#[derive(Debug, Default)]
+pub struct ClaimPlan {
+    pub sources: Vec<String>,
+    pub routes: RouteTable,
+    pub limited: Vec<String>,
+    pub max_in_flight: Vec<Option<i32>>,
+    pub rate: Vec<Option<f64>>,
+    pub burst: Vec<Option<f64>>,
+    pub has_circuit: Vec<bool>,
+}
+
+impl ClaimPlan {
+    pub fn new(config: &Config) -> Self {
+        let mut plan = Self {
+            sources: config.sources.iter().map(|s| s.name.clone()).collect(),
+            routes: RouteTable::new(&config.routes),
+            ..Self::default()
+        };
+        for (name, handler) in &config.handlers {
+            let flow = handler.flow;
+            if flow.is_limited() {
+                plan.limited.push(name.clone());
+                plan.max_in_flight
+                    .push(flow.max_in_flight.map(|n| n.min(i32::MAX as u32) as i32));
+                plan.rate.push(flow.rate.map(|(rate, _)| rate));
+                plan.burst.push(flow.rate.map(|(_, burst)| burst));
+                plan.has_circuit.push(flow.circuit.is_some());
+            }
+        }
+        plan
+    }
+}
+
 /// Claims up to `limit` due events under a lease, counts the attempt and
-/// writes its row: all committed before any handler runs.
+/// writes its row: all committed before any handler runs. One statement; the
+/// database decides what may start (`inbox_claim`, migrations/V4).
 pub async fn claim(
     pool: &PgPool,
     worker_id: &str,
     limit: i64,
     lease: Duration,
+    plan: &ClaimPlan,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     let start_by = std::time::Instant::now() + lease.mul_f64(0.9);
     let rows = sqlx::query!(
         r#"
-        WITH due AS (
-            SELECT id FROM inbox_events
-            WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
-            ORDER BY next_attempt_at, id
-            LIMIT $1
-            FOR UPDATE SKIP LOCKED
-        ), claimed AS (
-            UPDATE inbox_events e
-            SET status = 'processing', attempts = e.attempts + 1, locked_by = $2,
-                locked_until = now() + make_interval(secs => $3)
-            FROM due WHERE e.id = due.id
-            RETURNING e.id, e.source, e.event_key, e.event_type, e.attempts, e.payload, e.payload_json
-        ), attempt AS (
-            INSERT INTO inbox_attempts (event_id, attempt, worker_id)
-            SELECT id, attempts, $2 FROM claimed
-            RETURNING id, event_id
-        )
-        SELECT c.id AS "id!", c.source AS "source!", c.event_key AS "event_key!", c.event_type,
-               c.attempts AS "attempts!", c.payload, c.payload_json, a.id AS "attempt_id!"
-        FROM claimed c JOIN attempt a ON a.event_id = c.id
+        SELECT id AS "id!", source AS "source!", event_key AS "event_key!", event_type,
+               attempts AS "attempts!", payload, payload_json, attempt_id AS "attempt_id!",
+               handler, stale AS "stale!"
+        FROM inbox_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
         "#,
-        limit,
         worker_id,
+        i32::try_from(limit).unwrap_or(i32::MAX),
         lease.as_secs_f64(),
+        &plan.sources,
+        &plan.routes.positions,
+        &plan.routes.sources,
+        &plan.routes.patterns as &[Option<String>],
+        &plan.routes.handlers,
+        &plan.limited,
+        &plan.max_in_flight as &[Option<i32>],
+        &plan.rate as &[Option<f64>],
+        &plan.burst as &[Option<f64>],
+        &plan.has_circuit,
     )
     .fetch_all(pool)
     .await?;
@@ -79,6 +116,8 @@ pub async fn claim(
                 payload_json: row.payload_json,
             },
             attempt_id: row.attempt_id,
+            handler: row.handler,
+            stale: row.stale,
             start_by,
         })
         .collect())
@@ -290,4 +329,77 @@ pub async fn depth(
     .fetch_one(pool)
     .await?;
     Ok((counts, oldest))
+}
+
+/// What an external handler's attempt does to its handler's circuit, in the
+/// transaction that records the attempt (`inbox_circuit_record`, migrations/V4).
+pub async fn record_circuit(
+    conn: &mut PgConnection,
+    handler: &str,
+    event_id: Uuid,
+    circuit: &crate::config::Circuit,
+    result: &Result<(), super::HandlerError>,
+) -> Result<(), sqlx::Error> {
+    let (succeeded, retry_after, reason) = match result {
+        Ok(()) => (true, None, None),
+        // A permanent failure says nothing about the downstream's health.
+        Err(super::HandlerError::Permanent { .. }) => return Ok(()),
+        Err(super::HandlerError::Retryable {
+            message,
+            retry_after,
+        }) => (
+            false,
+            retry_after.map(|d| d.as_secs_f64()),
+            Some(message.as_str()),
+        ),
+    };
+    sqlx::query!(
+        "SELECT inbox_circuit_record($1, $2, $3, $4, $5, $6, $7)",
+        handler,
+        event_id,
+        succeeded,
+        i32::try_from(circuit.failures).unwrap_or(i32::MAX),
+        circuit.cool_down.as_secs_f64(),
+        retry_after,
+        reason,
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(())
+}
+
+/// Pauses in force, circuits' states and how often each circuit changed, for
+/// the gauges (the database is where every worker's view of them meets).
+pub struct FlowState {
+    pub pauses: Vec<(String, String)>,
+    pub circuits: Vec<(String, String)>,
+    pub changes: Vec<(String, String, i64)>,
+}
+
+pub async fn flow_state(pool: &PgPool) -> Result<FlowState, sqlx::Error> {
+    let pauses = sqlx::query!("SELECT kind, name FROM inbox_pauses")
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|row| (row.kind, row.name))
+        .collect();
+    let circuits = sqlx::query!("SELECT handler, circuit FROM inbox_handler_state")
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|row| (row.handler, row.circuit))
+        .collect();
+    let changes = sqlx::query!(
+        r#"SELECT handler, change, count(*) AS "n!" FROM inbox_circuit_events GROUP BY handler, change"#
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|row| (row.handler, row.change, row.n))
+    .collect();
+    Ok(FlowState {
+        pauses,
+        circuits,
+        changes,
+    })
 }

@@ -1,48 +1,39 @@
 //! Which handler an event goes to: the first `[[route]]` whose source matches
-//! and whose `event_types` globs match the event's type.
-
-use wildmatch::WildMatch;
+//! and whose `event_types` globs match the event's type. The database applies
+//! the routes when it claims (so pauses, limits and circuits can be decided
+//! there); this is the table it is given.
 
 use crate::config::RouteSection;
 
-pub struct Router {
-    routes: Vec<Route>,
+/// The routes as the claim statement takes them: one row per glob, the
+/// route's position first, `None` for a route that matches every type.
+#[derive(Debug, Default, PartialEq)]
+pub struct RouteTable {
+    pub positions: Vec<i32>,
+    pub sources: Vec<String>,
+    pub patterns: Vec<Option<String>>,
+    pub handlers: Vec<String>,
 }
 
-struct Route {
-    source: String,
-    event_types: Option<Vec<WildMatch>>,
-    handler: String,
-}
-
-impl Router {
+impl RouteTable {
     pub fn new(sections: &[RouteSection]) -> Self {
-        let routes = sections
-            .iter()
-            .map(|section| Route {
-                source: section.source.clone(),
-                event_types: section
-                    .event_types
-                    .as_ref()
-                    .map(|globs| globs.iter().map(|g| WildMatch::new(g)).collect()),
-                handler: section.handler.clone(),
-            })
-            .collect();
-        Self { routes }
-    }
-
-    pub fn route(&self, source: &str, event_type: Option<&str>) -> Option<&str> {
-        self.routes
-            .iter()
-            .find(|route| {
-                route.source == source
-                    && match (&route.event_types, event_type) {
-                        (None, _) => true,
-                        (Some(globs), Some(kind)) => globs.iter().any(|g| g.matches(kind)),
-                        (Some(_), None) => false,
-                    }
-            })
-            .map(|route| route.handler.as_str())
+        let mut table = Self::default();
+        for (position, section) in sections.iter().enumerate() {
+            let patterns = match &section.event_types {
+                None => vec![None],
+                Some(globs) => globs
+                    .iter()
+                    .map(|g| Some(crate::glob::to_like(g)))
+                    .collect(),
+            };
+            for pattern in patterns {
+                table.positions.push(position as i32);
+                table.sources.push(section.source.clone());
+                table.patterns.push(pattern);
+                table.handlers.push(section.handler.clone());
+            }
+        }
+        table
     }
 }
 
@@ -59,26 +50,24 @@ mod tests {
     }
 
     #[test]
-    fn the_first_matching_route_wins() {
-        let router = Router::new(&[
-            route("begini", Some(&["psychometric_score.*"]), "scores"),
+    fn each_glob_is_a_row_that_keeps_its_routes_position() {
+        let table = RouteTable::new(&[
+            route(
+                "begini",
+                Some(&["psychometric_score.*", "*_score.complete"]),
+                "scores",
+            ),
             route("begini", None, "everything"),
         ]);
+        assert_eq!(table.positions, [0, 0, 1]);
         assert_eq!(
-            router.route("begini", Some("psychometric_score.complete")),
-            Some("scores")
+            table.patterns,
+            [
+                Some("psychometric\\_score.%".to_owned()),
+                Some("%\\_score.complete".to_owned()),
+                None
+            ]
         );
-        assert_eq!(
-            router.route("begini", Some("application.expired")),
-            Some("everything")
-        );
-        assert_eq!(router.route("begini", None), Some("everything"));
-        assert_eq!(router.route("stripe", Some("x")), None);
-    }
-
-    #[test]
-    fn an_event_without_a_type_matches_only_untyped_routes() {
-        let router = Router::new(&[route("s", Some(&["*"]), "h")]);
-        assert_eq!(router.route("s", None), None);
+        assert_eq!(table.handlers, ["scores", "scores", "everything"]);
     }
 }

@@ -88,6 +88,7 @@ async fn concurrent_deliveries_of_one_event_share_a_batch_and_store_it_once() {
 async fn a_key_repeated_within_one_batch_is_stored_once_then_duplicate_then_conflict() {
     let db = database().await;
     let delivery = |key: &str, body: &[u8]| NewDelivery {
+        ordering: None,
         source: "begini".into(),
         environment: "sandbox".into(),
         event_key: key.into(),

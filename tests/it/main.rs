@@ -2,6 +2,7 @@
 
 mod cli;
 mod faults;
+mod flow;
 mod group_commit;
 mod observability;
 mod operations;

@@ -65,6 +65,7 @@ async fn store_event(db: &TestDb, event_type: &str) -> Uuid {
     let body = begini_payload(&unique_uid(), event_type);
     let sha = hookbox::event_key::sha256_hex(&body);
     let delivery = NewDelivery {
+        ordering: None,
         source: "begini".into(),
         environment: "sandbox".into(),
         event_key: sha.clone(),
@@ -593,15 +594,15 @@ async fn an_http_handler_sends_the_headers_and_honours_retry_after() {
 
 // ---- processes: crashes and graceful stops --------------------------------
 
-struct WorkerProcesses {
+pub(crate) struct WorkerProcesses {
     config_path: std::path::PathBuf,
     url: String,
-    children: Vec<Child>,
+    pub(crate) children: Vec<Child>,
     _dir: tempfile::TempDir,
 }
 
 impl WorkerProcesses {
-    fn start(url: &str, config_text: &str, count: usize) -> Self {
+    pub(crate) fn start(url: &str, config_text: &str, count: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("hookbox.toml");
         std::fs::write(&config_path, config_text).unwrap();
@@ -618,11 +619,11 @@ impl WorkerProcesses {
         processes
     }
 
-    fn spawn(&self) -> Child {
+    pub(crate) fn spawn(&self) -> Child {
         spawn_service("hookbox-worker", &self.config_path, &self.url)
     }
 
-    fn terminate_all(&mut self) -> Vec<Option<i32>> {
+    pub(crate) fn terminate_all(&mut self) -> Vec<Option<i32>> {
         for child in &self.children {
             // SAFETY: plain kill(2) on a child we own.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
