@@ -315,7 +315,7 @@ async fn a_realistic_history_reads_the_same_in_the_cli_and_the_audit_queries() {
         ("min_attempts", "3".to_string()),
     ];
     let queries = audit_queries();
-    assert_eq!(queries.len(), 10, "ten numbered queries");
+    assert_eq!(queries.len(), 14, "fourteen numbered queries");
     let mut results = Vec::new();
     for (heading, sql) in &queries {
         results.push((heading.as_str(), audit_query(&app, sql, &vars).await));
