@@ -216,6 +216,12 @@ pub async fn finish(
             -- finished event, until vacuum) instead.
             WHERE e.id = o.event_id
               AND CASE WHEN e.status = 'processing' AND e.locked_by = $9 AND e.attempts = o.attempt
+                            -- This claim's own attempt row, still open: after a rescue and
+                            -- a replay, the same worker may hold a newer claim with the
+                            -- same attempt number.
+                            AND EXISTS (SELECT 1 FROM inbox_attempts a
+                                        WHERE a.id = o.attempt_id AND a.event_id = e.id
+                                          AND a.finished_at IS NULL)
                        THEN true ELSE false END
             RETURNING e.id
         )

@@ -881,3 +881,77 @@ async fn sigterm_stops_claiming_finishes_the_running_handler_and_releases_the_re
         .await
     );
 }
+
+/// Sleeps on its first call longer than on its second.
+struct SlowThenFaster(std::sync::atomic::AtomicUsize);
+
+#[async_trait]
+impl Handler for SlowThenFaster {
+    async fn handle(
+        &self,
+        event: &Event,
+        transaction: &mut PgConnection,
+    ) -> Result<(), HandlerError> {
+        let call = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let pause = if call == 0 { 2500 } else { 1000 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        sqlx::query("INSERT INTO side_effects (event_id, attempt) VALUES ($1, $2)")
+            .bind(event.id)
+            .bind(event.attempt)
+            .execute(transaction)
+            .await
+            .map_err(|e| HandlerError::retryable(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// After a rescue and a replay, the same worker claims the event again with
+/// the same attempt number; the first claim's late completion must not finish
+/// the second claim (nor rewrite its own `lease_expired` attempt row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_completion_after_a_replay_does_not_finish_the_newer_claim() {
+    let library = LibraryHandlers::default().with("mine", SlowThenFaster(Default::default()));
+    let text = worker_config(
+        "[[route]]\nsource = \"begini\"\nhandler = \"mine\"\n[handler.mine]\nkind = \"library\"\n",
+    )
+    .replace("lease = \"30s\"", "lease = \"2s\"");
+    let setup = setup_from(&text, library).await;
+    let id = store_event(&setup.db, "application.complete").await;
+
+    let first = setup.worker.process_next();
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(setup.worker.rescue_expired_leases().await.unwrap(), 1);
+        let request = hookbox::ops::replay::ReplayRequest {
+            ids: vec![id],
+            filter: Default::default(),
+            include_succeeded: false,
+            reason: "downstream fixed".into(),
+            actor: "ops".into(),
+            batch_size: 10,
+        };
+        hookbox::ops::replay::replay(&setup.db.pool, &request, |_| {})
+            .await
+            .unwrap();
+        setup.worker.process_next().await.unwrap()
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.unwrap(), [Processed::LeaseLost]);
+    assert_eq!(
+        second,
+        [Processed::Recorded(hookbox::AttemptOutcome::Succeeded)]
+    );
+    assert_eq!(status_of(&setup.db, id).await, "succeeded");
+    assert_eq!(
+        attempt_outcomes(&setup.db, id).await,
+        ["lease_expired", "succeeded"]
+    );
+    assert_eq!(
+        scalar(
+            &setup.db,
+            "SELECT count(*) FROM inbox_attempts WHERE finished_at IS NULL"
+        )
+        .await,
+        0
+    );
+}
