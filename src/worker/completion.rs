@@ -141,7 +141,15 @@ impl Worker {
         }
         if let (Some(name), Attempted::Ran(result)) = (routed.handler, &attempted) {
             if let Some(circuit) = self.circuits.get(name) {
-                queue::record_circuit(&mut transaction, name, event.id, circuit, result).await?;
+                queue::record_circuit(
+                    &mut transaction,
+                    name,
+                    event.id,
+                    circuit,
+                    result,
+                    self.policy.max,
+                )
+                .await?;
             }
         }
         let finish = self.decide(&routed, attempted);

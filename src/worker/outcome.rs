@@ -93,9 +93,12 @@ pub(super) fn decide<'a>(
                 let message = format!("{message} (gave up after {attempt} attempts)");
                 finish(EventStatus::Dead, AttemptOutcome::Dead, Some(message), None)
             } else {
+                // The downstream's Retry-After is honoured up to the policy's
+                // `max`: a value of years (or 1e13 s) would park the event for good.
                 let wait = policy
                     .delay(attempt, jitter_unit)
-                    .max(retry_after.unwrap_or_default());
+                    .max(retry_after.unwrap_or_default())
+                    .min(policy.max);
                 finish(
                     EventStatus::Retrying,
                     AttemptOutcome::Retry,
@@ -180,6 +183,18 @@ mod tests {
         let later = failed(Some(Duration::from_secs(30)));
         let finish = decide(&policy(), &event(1), 1, Some("h"), later, 0.0);
         assert_eq!(finish.retry_in, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_downstreams_retry_after_is_capped_at_the_policys_max() {
+        for seconds in [3600 * 24 * 365 * 10, 10_000_000_000_000] {
+            let failed = Attempted::Ran(Err(HandlerError::Retryable {
+                message: "429".into(),
+                retry_after: Some(Duration::from_secs(seconds)),
+            }));
+            let finish = decide(&policy(), &event(1), 1, Some("h"), failed, 0.0);
+            assert_eq!(finish.retry_in, Some(Duration::from_secs(60)));
+        }
     }
 
     #[test]

@@ -339,12 +339,14 @@ pub async fn depth(
 
 /// What an external handler's attempt does to its handler's circuit, in the
 /// transaction that records the attempt (`inbox_circuit_record`, migrations/V4).
+/// A downstream's `Retry-After` opens it for that long, at most `longest`.
 pub async fn record_circuit(
     conn: &mut PgConnection,
     handler: &str,
     event_id: Uuid,
     circuit: &crate::config::Circuit,
     result: &Result<(), super::HandlerError>,
+    longest: Duration,
 ) -> Result<(), sqlx::Error> {
     let (succeeded, retry_after, reason) = match result {
         Ok(()) => (true, None, None),
@@ -355,7 +357,7 @@ pub async fn record_circuit(
             retry_after,
         }) => (
             false,
-            retry_after.map(|d| d.as_secs_f64()),
+            retry_after.map(|d| d.min(longest).as_secs_f64()),
             Some(message.as_str()),
         ),
     };
