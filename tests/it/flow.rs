@@ -535,3 +535,31 @@ async fn an_open_circuit_spends_no_attempts_and_a_probe_closes_it() {
         3 + 6
     );
 }
+
+/// During a rolling deploy that adds a source, a worker still on the old
+/// configuration leaves the new source's events alone (it used to claim them
+/// and end them `skipped` for want of a route).
+#[tokio::test]
+async fn a_worker_whose_configuration_lacks_a_source_leaves_its_events_for_one_that_has_it() {
+    let both = ordered_config("", SQL_HANDLER).replace(
+        "[[route]]",
+        "[[source]]\nname = \"partner\"\nenvironment = \"sandbox\"\nscheme = \"begini\"\n\
+         secrets_env = [\"BEGINI_API_KEY\"]\n\n[[route]]\nsource = \"partner\"\nhandler = \"h\"\n\n[[route]]",
+    );
+    let app = TestApp::spawn(&both, &[("BEGINI_API_KEY", BEGINI_KEY)]).await;
+    sqlx::raw_sql(RECORDED).execute(&app.db.pool).await.unwrap();
+    let uid = unique_uid();
+    let answer = app.deliver_as_sender("partner", &event(&uid, 0, "")).await;
+    assert_eq!(answer.status, 200);
+    let id = answer.event_id();
+
+    let old = in_process_worker(&app, &ordered_config("", SQL_HANDLER));
+    drain(&old).await;
+    assert_eq!(status_of(&app, id).await, "pending");
+    assert_eq!(scalar(&app, "SELECT count(*) FROM inbox_attempts").await, 0);
+
+    let new = in_process_worker(&app, &both);
+    drain(&new).await;
+    assert_eq!(status_of(&app, id).await, "succeeded");
+    assert_eq!(recorded_seqs(&app, &uid).await, [0]);
+}
