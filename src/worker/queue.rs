@@ -124,25 +124,27 @@ pub async fn claim(
 }
 
 /// Locks, for their completion transaction, the events whose lease is still
-/// this worker's; the others have been taken over by another worker or a rescue.
+/// this worker's; the others have been taken over by another worker or a
+/// rescue, and are neither locked nor waited for (SKIP LOCKED: a row locked
+/// by someone else is one this worker no longer holds).
 pub async fn lock_held(
     conn: &mut PgConnection,
     worker_id: &str,
     events: &[&Event],
 ) -> Result<HashSet<Uuid>, sqlx::Error> {
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-    // Only `id = ANY` filters, so the plan stays on the primary key: with the
-    // lease conditions in WHERE the planner may walk the lease index, which
-    // holds every recently claimed event. The conditions are read instead.
+    // The lease conditions sit inside CASE so that the plan stays on the
+    // primary key: written plainly they match the lease index's predicate,
+    // and the planner may walk that index (every recently claimed event).
     let rows = sqlx::query!(
         r#"
-        SELECT id, attempts,
-               (status = 'processing' AND locked_by IS NOT DISTINCT FROM $2
-                AND locked_until > now()) AS "lease_held!"
+        SELECT id, attempts
         FROM inbox_events
         WHERE id = ANY($1)
+          AND CASE WHEN status = 'processing' AND locked_by = $2 AND locked_until > now()
+                   THEN true ELSE false END
         ORDER BY id
-        FOR NO KEY UPDATE
+        FOR NO KEY UPDATE SKIP LOCKED
         "#,
         &ids,
         worker_id,
@@ -153,7 +155,7 @@ pub async fn lock_held(
         let this_attempt = events
             .iter()
             .any(|e| e.id == row.id && e.attempt == row.attempts);
-        (row.lease_held && this_attempt).then_some(row.id)
+        this_attempt.then_some(row.id)
     });
     Ok(held.into_iter().collect())
 }

@@ -955,3 +955,42 @@ async fn a_late_completion_after_a_replay_does_not_finish_the_newer_claim() {
         0
     );
 }
+
+/// The careful path locks only the events whose lease still holds: an event
+/// another worker has taken over (and holds locked) does not make it wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_careful_path_does_not_wait_on_an_event_whose_lease_was_lost() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
+         statement = \"INSERT INTO side_effects (event_id, attempt, kind) SELECT $3, $6, $2 FROM pg_sleep(0.3)\"\n"
+    ))
+    .await;
+    sqlx::query("ALTER TABLE side_effects ADD COLUMN kind text CHECK (kind <> 'bad.type')")
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+    let taken = store_event(&setup.db, "good.one").await;
+    let failing = store_event(&setup.db, "bad.type").await;
+
+    let mut other = setup.db.pool.begin().await.unwrap();
+    let processing = setup.worker.process_next();
+    let take_over = async {
+        // While the handlers run, another worker takes `taken` and holds its row.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        sqlx::query("UPDATE inbox_events SET locked_by = 'another-worker' WHERE id = $1")
+            .bind(taken)
+            .execute(&mut *other)
+            .await
+            .unwrap();
+    };
+    let (outcomes, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(20), processing),
+        take_over
+    );
+    let outcomes = outcomes
+        .expect("the careful path did not wait for the other worker's lock")
+        .unwrap();
+    other.rollback().await.unwrap();
+    assert!(outcomes.contains(&Processed::LeaseLost), "{outcomes:?}");
+    assert_eq!(status_of(&setup.db, failing).await, "dead");
+}
