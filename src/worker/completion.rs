@@ -52,10 +52,19 @@ impl Worker {
             .iter()
             .map(|(_, finish)| Processed::Recorded(finish.attempt_outcome))
             .collect();
-        Ok(self
-            .record_and_commit(transaction, recorded)
-            .await?
-            .then_some(processed))
+        match self.record_and_commit(transaction, recorded).await {
+            Ok(committed) => Ok(committed.then_some(processed)),
+            // A deferred constraint, a serialization failure or a broken
+            // connection at COMMIT: nothing of the batch survived. The careful
+            // way finds which event (if any) is to blame.
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "the batch failed at commit; completing it the careful way"
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// Locks the batch's events first, skipping those whose lease was lost;
@@ -108,7 +117,15 @@ impl Worker {
             Some(Runner::InTransaction(handler)) => match savepoint {
                 Some(savepoint) => {
                     savepoint.enter(transaction).await?;
-                    let result = handler.handle(&routed.claimed.event, transaction).await;
+                    let mut result = handler.handle(&routed.claimed.event, transaction).await;
+                    if result.is_ok() {
+                        // Deferred constraints are checked now, inside the
+                        // event's savepoint, not at COMMIT where one event's
+                        // violation would sink the batch.
+                        if let Err(error) = check_deferred_constraints(transaction).await {
+                            result = Err(super::handlers::sql::classify(error));
+                        }
+                    }
                     savepoint.leave(transaction, result.is_ok()).await?;
                     Attempted::Ran(result)
                 }
@@ -238,6 +255,17 @@ impl Savepoint {
         }
         Ok(())
     }
+}
+
+/// Checks the constraints deferred so far (`SET CONSTRAINTS ALL IMMEDIATE`
+/// checks them at once), then defers again for the next event's handler.
+async fn check_deferred_constraints(transaction: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(
+        transaction,
+        "SET CONSTRAINTS ALL IMMEDIATE; SET CONSTRAINTS ALL DEFERRED",
+    )
+    .await?;
+    Ok(())
 }
 
 fn record_duration(handler: Option<&str>, started: std::time::Instant) {

@@ -196,14 +196,19 @@ impl Worker {
                     && matches!(self.runner(routed), Some(Runner::External(_)))
             });
         let mut processed = Vec::new();
-        if !transactional.is_empty() {
-            processed.extend(self.complete_in_one_transaction(&transactional).await?);
-        }
+        // A failure of the transactional part (its leases then expire and a
+        // rescue retries it) never keeps the batch's external events from running.
+        let transactional = match transactional.is_empty() {
+            true => Ok(Vec::new()),
+            false => self.complete_in_one_transaction(&transactional).await,
+        };
         drop(slot);
         let external = external
             .into_iter()
             .map(|routed| self.complete_external(routed));
-        for outcome in futures_util::future::join_all(external).await {
+        let external = futures_util::future::join_all(external).await;
+        processed.extend(transactional?);
+        for outcome in external {
             processed.push(outcome?);
         }
         Ok(processed)

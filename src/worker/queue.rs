@@ -262,7 +262,9 @@ pub async fn rescue_expired(pool: &PgPool, max_attempts: i32) -> Result<u64, sql
             UPDATE inbox_events e
             SET status = CASE WHEN e.attempts >= $1 THEN 'dead' ELSE 'retrying' END,
                 processed_at = CASE WHEN e.attempts >= $1 THEN now() END,
-                next_attempt_at = now(),
+                -- Spread over a second: events rescued together are not
+                -- claimed together again (and do not fail together again).
+                next_attempt_at = now() + random() * interval '1 second',
                 last_error = 'lease expired: worker ' || e.locked_by || ' did not finish attempt ' || e.attempts,
                 locked_by = NULL, locked_until = NULL
             FROM expired WHERE e.id = expired.id

@@ -994,3 +994,39 @@ async fn the_careful_path_does_not_wait_on_an_event_whose_lease_was_lost() {
     assert!(outcomes.contains(&Processed::LeaseLost), "{outcomes:?}");
     assert_eq!(status_of(&setup.db, failing).await, "dead");
 }
+
+/// A deferred constraint fails at COMMIT, after every handler has run: the
+/// event that broke it ends alone, the rest of the batch commits, and the
+/// batch's external events run all the same.
+#[tokio::test]
+async fn a_failure_at_commit_sinks_only_its_own_event_and_never_the_external_ones() {
+    let setup = setup(
+        "[[route]]\nsource = \"begini\"\nevent_types = [\"external.*\"]\nhandler = \"ext\"\n\
+         [[route]]\nsource = \"begini\"\nhandler = \"h\"\n\
+         [handler.h]\nkind = \"sql\"\n\
+         statement = \"INSERT INTO children (parent_id, event_id) VALUES (CASE WHEN $2 = 'bad.type' THEN 999 ELSE 1 END, $3)\"\n\
+         [handler.ext]\nkind = \"exec\"\ncommand = [\"true\"]\n",
+    )
+    .await;
+    sqlx::raw_sql(
+        "CREATE TABLE parents (id int PRIMARY KEY);
+         INSERT INTO parents VALUES (1);
+         CREATE TABLE children (parent_id int REFERENCES parents DEFERRABLE INITIALLY DEFERRED, event_id uuid);",
+    )
+    .execute(&setup.db.pool)
+    .await
+    .unwrap();
+    let good = store_event(&setup.db, "good.one").await;
+    let bad = store_event(&setup.db, "bad.type").await;
+    let also_good = store_event(&setup.db, "good.two").await;
+    let external = store_event(&setup.db, "external.call").await;
+
+    let outcomes = setup.worker.process_next().await.unwrap();
+
+    assert_eq!(outcomes.len(), 4);
+    assert_eq!(status_of(&setup.db, good).await, "succeeded");
+    assert_eq!(status_of(&setup.db, also_good).await, "succeeded");
+    assert_eq!(status_of(&setup.db, bad).await, "dead");
+    assert_eq!(status_of(&setup.db, external).await, "succeeded");
+    assert_eq!(scalar(&setup.db, "SELECT count(*) FROM children").await, 2);
+}

@@ -78,7 +78,7 @@ impl Handler for SqlHandler {
 
 /// Data and integrity errors fail the same way every time; everything else
 /// (connections, deadlocks, timeouts, a missing function during a deploy) may pass later.
-fn classify(error: sqlx::Error) -> HandlerError {
+pub(crate) fn classify(error: sqlx::Error) -> HandlerError {
     match &error {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default().to_string();
