@@ -52,14 +52,18 @@ pub(super) fn decide<'a>(
         handler,
         error: error.map(|e| truncate(e, ERROR_LIMIT)),
         retry_in,
+        not_started: false,
     };
     match attempted {
-        Attempted::NotStarted => finish(
-            EventStatus::Retrying,
-            AttemptOutcome::Retry,
-            Some("released: the handler had not started when the worker stopped or the lease ran short".into()),
-            Some(Duration::ZERO),
-        ),
+        Attempted::NotStarted => queue::Finish {
+            not_started: true,
+            ..finish(
+                EventStatus::Retrying,
+                AttemptOutcome::Retry,
+                Some("released: the handler had not started when the worker stopped or the lease ran short".into()),
+                Some(Duration::ZERO),
+            )
+        },
         Attempted::NoRoute => {
             let why = format!(
                 "no route matches source {} and type {}",

@@ -172,6 +172,9 @@ pub struct Finish<'a> {
     pub error: Option<String>,
     /// For `retrying`: when the next attempt is due.
     pub retry_in: Option<Duration>,
+    /// The handler never started: the attempt is handed back uncounted, so
+    /// `attempts` never passes `max_attempts` this way.
+    pub not_started: bool,
 }
 
 /// Records the outcomes on the events and their attempt rows (one statement),
@@ -195,18 +198,21 @@ pub async fn finish(
         .iter()
         .map(|f| f.retry_in.map(|d| d.as_secs_f64()))
         .collect();
+    let not_started: Vec<bool> = finishes.iter().map(|f| f.not_started).collect();
     let result = sqlx::query!(
         r#"
         WITH outcome AS (
             SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[], $7::float8[], $8::int4[])
-                     AS o(event_id, attempt_id, event_status, attempt_outcome, handler, error, retry_in, attempt)
+                                 $6::text[], $7::float8[], $8::int4[], $10::bool[])
+                     AS o(event_id, attempt_id, event_status, attempt_outcome, handler, error, retry_in,
+                          attempt, not_started)
         ), at AS (
             -- The moment each outcome is recorded, shared by its two rows.
             SELECT clock_timestamp() AS t
         ), event AS (
             UPDATE inbox_events e
             SET status = o.event_status,
+                attempts = e.attempts - CASE WHEN o.not_started THEN 1 ELSE 0 END,
                 processed_at = CASE WHEN o.event_status IN ('succeeded', 'skipped', 'dead') THEN at.t END,
                 next_attempt_at = CASE WHEN o.retry_in IS NULL THEN e.next_attempt_at
                                        ELSE at.t + make_interval(secs => o.retry_in) END,
@@ -241,6 +247,7 @@ pub async fn finish(
         &retry_in as &[Option<f64>],
         &attempts,
         worker_id,
+        &not_started,
     )
     .execute(conn)
     .await?;

@@ -1030,3 +1030,35 @@ async fn a_failure_at_commit_sinks_only_its_own_event_and_never_the_external_one
     assert_eq!(status_of(&setup.db, external).await, "succeeded");
     assert_eq!(scalar(&setup.db, "SELECT count(*) FROM children").await, 2);
 }
+
+/// A handler that never started (the worker was stopping) hands its event
+/// back without using up one of its attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_never_started_does_not_count_against_max_attempts() {
+    let text = worker_config(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"exec\"\ncommand = [\"sleep\", \"1\"]\n"
+    ))
+    .replace("concurrency = 4", "concurrency = 1")
+    .replace("max_attempts = 3", "max_attempts = 1");
+    let setup = setup_from(&text, LibraryHandlers::default()).await;
+    let running = store_event(&setup.db, "application.complete").await;
+    let waiting = store_event(&setup.db, "application.complete").await;
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stop.cancel();
+    });
+    setup.worker.run(shutdown).await.unwrap();
+
+    assert_eq!(status_of(&setup.db, running).await, "succeeded");
+    assert_eq!(status_of(&setup.db, waiting).await, "retrying");
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM inbox_events WHERE id = $1")
+        .bind(waiting)
+        .fetch_one(&setup.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 0, "the attempt that never started is not counted");
+    assert_eq!(attempt_outcomes(&setup.db, waiting).await, ["retry"]);
+}
