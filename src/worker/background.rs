@@ -25,6 +25,9 @@ pub(super) async fn housekeeping(worker: Arc<Worker>, shutdown: CancellationToke
             }
             Err(error) => tracing::warn!(error = format!("{error:#}"), "lease rescue failed"),
         }
+        if let Err(error) = queue::clear_ordering_locks(&worker.pool).await {
+            tracing::warn!(error = %error, "cannot clear idle ordering keys");
+        }
         record_gauges(&worker).await;
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -422,3 +422,26 @@ pub async fn flow_state(pool: &PgPool) -> Result<FlowState, sqlx::Error> {
         changes,
     })
 }
+
+/// Forgets the ordering keys no unfinished event uses any more (a claim
+/// makes a key's row again when it needs it); rows a claim holds are left.
+pub async fn clear_ordering_locks(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query!(
+        r#"
+        DELETE FROM inbox_ordering_locks l
+        USING (
+            SELECT o.source, o.ordering_key FROM inbox_ordering_locks o
+            WHERE NOT EXISTS (
+                SELECT 1 FROM inbox_events e
+                WHERE e.source = o.source AND e.ordering_key = o.ordering_key
+                  AND (e.status IN ('pending', 'processing', 'retrying') OR (e.status = 'dead' AND e.dead_blocks)))
+            LIMIT 1000
+            FOR UPDATE SKIP LOCKED
+        ) idle
+        WHERE l.source = idle.source AND l.ordering_key = idle.ordering_key
+        "#
+    )
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
