@@ -1,6 +1,7 @@
 //! Loading and checking the configuration file. Everything a process needs is
 //! checked here, once, so a bad file is refused at start with the key named.
 
+mod reconcile;
 mod sections;
 
 use std::{
@@ -12,6 +13,7 @@ use std::{
 };
 
 use ipnet::IpNet;
+pub use reconcile::{Auth, Listing, Reconcile, ReconcileSection};
 pub use sections::*;
 
 use crate::{
@@ -55,6 +57,8 @@ pub struct Source {
     pub allow_ips: Vec<IpNet>,
     pub rate_limit: Option<RateLimitSection>,
     pub tolerance: Duration,
+    /// `[source.reconcile]`: asking the provider which events it sent.
+    pub reconcile: Option<Reconcile>,
 }
 
 /// A handler with its secrets resolved.
@@ -391,6 +395,7 @@ impl Checker<'_> {
                 );
             }
         }
+        let reconcile = self.check_reconcile(i, &section)?;
         let event_type = section
             .event_type
             .or_else(|| default_event_type(section.scheme));
@@ -404,6 +409,7 @@ impl Checker<'_> {
             allow_ips,
             rate_limit: section.rate_limit,
             tolerance: section.tolerance.0,
+            reconcile,
         })
     }
 
