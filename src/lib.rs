@@ -12,6 +12,7 @@ pub mod event_key;
 pub mod ops;
 pub mod pgcluster;
 pub mod receiver;
+pub mod reconcile;
 pub mod secret;
 pub mod signature;
 pub mod store;
