@@ -4,6 +4,7 @@ mod dev;
 mod loadtest;
 mod operate;
 mod output;
+mod reconcile;
 mod send;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -72,6 +73,8 @@ pub enum Command {
     Import(operate::ImportArgs),
     /// Signed, realistic load against a deployment, with latency percentiles.
     Loadtest(loadtest::LoadtestArgs),
+    /// Ask the provider which events it sent; import those the inbox lacks.
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,5 +130,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Prune(args) => operate::prune(&cli.common, args).await,
         Command::Import(args) => operate::import(&cli.common, args).await,
         Command::Loadtest(args) => loadtest::run(&cli.common, args).await,
+        Command::Reconcile(args) => reconcile::run(&cli.common, args).await,
     }
 }

@@ -70,7 +70,7 @@ pub struct ActionArgs {
 }
 
 impl ActionArgs {
-    fn actor(&self) -> String {
+    pub(super) fn actor(&self) -> String {
         self.actor.clone().unwrap_or_else(ops::os_user)
     }
 }
@@ -153,7 +153,9 @@ pub struct ImportArgs {
     pub batch_size: usize,
 }
 
-async fn connect(common: &CommonArgs) -> anyhow::Result<(crate::config::Config, PgPool)> {
+pub(super) async fn connect(
+    common: &CommonArgs,
+) -> anyhow::Result<(crate::config::Config, PgPool)> {
     let config = common.load_config()?;
     let settings = db::PoolSettings {
         max_connections: 2,

@@ -720,6 +720,12 @@ pub fn main() -> ExitCode {
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
+        tokio::spawn(crate::reconcile::run_scheduled(
+            config.clone(),
+            worker.pool.clone(),
+            worker.id.clone(),
+            shutdown.clone(),
+        ));
         worker.run(shutdown).await
     });
     match result {
