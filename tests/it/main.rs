@@ -7,6 +7,7 @@ mod observability;
 mod operations;
 mod providers;
 mod receiver;
+mod reconcile;
 mod resilience;
 mod safeguards;
 mod support;
