@@ -121,6 +121,7 @@ fn every_command_has_help() {
         &["dev", "--help"],
         &["config", "check", "--help"],
         &["migrate", "--help"],
+        &["reconcile", "--help"],
     ] {
         let output = hookbox().args(args).output().unwrap();
         assert!(output.status.success(), "{args:?}");

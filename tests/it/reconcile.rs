@@ -541,6 +541,46 @@ async fn stripe_signed_deliveries_and_reconciled_copies_dedupe_in_both_orders() 
             .await,
         10
     );
+    assert_logs_never_contain(&[STRIPE_API_KEY, "pi_000003"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_api_key_ends_the_run_as_a_configuration_error_and_moves_nothing() {
+    let now = chrono::Utc::now().timestamp();
+    let fake = FakeStripe::start(vec![stripe_event(1, now - 60)]).await;
+    let env = [
+        ("STRIPE_API_KEY", "sk_test_revoked_key_0000"),
+        ("STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET),
+    ];
+    let app = TestApp::spawn(&stripe_config(&fake.address, "10m"), &env).await;
+    let request = ReconcileRequest {
+        since: None,
+        dry_run: false,
+        actor: "test".into(),
+        reason: None,
+    };
+    let error = reconcile::reconcile(&app.db.pool, app.config.source("stripe").unwrap(), &request)
+        .await
+        .unwrap_err();
+    assert!(!error.is_retryable(), "{error}");
+    assert!(error.to_string().contains("401"), "{error}");
+    assert!(!error.to_string().contains("sk_test_revoked_key_0000"));
+    assert_eq!(
+        fake.unauthorized.load(Ordering::SeqCst),
+        1,
+        "a refusal is not retried"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM inbox_events").await, 0);
+    assert_eq!(listed_through(&app).await, None, "the cursor did not move");
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM inbox_actions WHERE action = 'reconcile' \
+             AND filter->>'error' LIKE '%401%' AND affected = 0"
+        )
+        .await,
+        1,
+        "the failed run is on record"
+    );
 }
 
 /// Worker processes killed when the test ends, however it ends.
