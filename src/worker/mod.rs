@@ -713,7 +713,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let config = cli.common.load_config()?;
         let pool = db::pool(&config.database_url()?, &pool_settings(&config))?;
-        let worker = Worker::from_config(&config, pool, LibraryHandlers::default())?;
+        let worker = Worker::from_config(&config, pool.clone(), LibraryHandlers::default())?;
         if !config.worker.admin_listen.is_empty() {
             let port = crate::telemetry::serve_metrics(&config.worker.admin_listen)?;
             tracing::info!(admin_port = port, "metrics served");
@@ -721,9 +721,9 @@ pub fn main() -> ExitCode {
         let shutdown = CancellationToken::new();
         tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
         tokio::spawn(crate::reconcile::run_scheduled(
-            config.clone(),
-            worker.pool.clone(),
-            worker.id.clone(),
+            config,
+            pool,
+            worker.id().to_owned(),
             shutdown.clone(),
         ));
         worker.run(shutdown).await
