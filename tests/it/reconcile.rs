@@ -669,3 +669,124 @@ async fn scheduled_reconcile_with_three_workers_runs_exactly_once_per_period() {
         3
     );
 }
+
+/// A generic cursor-paged list: `{"events": [...], "next_page": "..."}`,
+/// the key in `X-Api-Key`, the cursor in `page`, the start in `created_after`.
+async fn generic_list(
+    request: HttpRequest,
+    events: web::Data<Vec<serde_json::Value>>,
+) -> HttpResponse {
+    if request
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        != Some("shop-key-1")
+    {
+        return HttpResponse::Unauthorized().finish();
+    }
+    let query: HashMap<String, String> =
+        reqwest::Url::parse(&format!("http://x/?{}", request.query_string()))
+            .unwrap()
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    assert!(
+        query.contains_key("created_after"),
+        "the start is asked for"
+    );
+    let start: usize = query.get("page").map_or(0, |p| p.parse().unwrap());
+    let page: Vec<&serde_json::Value> = events.iter().skip(start).take(7).collect();
+    let next = (start + 7 < events.len()).then(|| (start + 7).to_string());
+    HttpResponse::Ok().json(json!({ "events": page, "next_page": next }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_list_provider_is_paged_by_its_own_cursor_and_reconciled_the_same_way() {
+    let events: Vec<serde_json::Value> = (0..30)
+        .map(|n| json!({ "event_id": format!("shop-{n}"), "type": "order.paid", "order": { "total": n } }))
+        .collect();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let data = web::Data::new(events.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .route("/v2/events", web::get().to(generic_list))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)
+    .unwrap()
+    .run();
+    tokio::spawn(server);
+    let config_text = format!(
+        r#"
+[receiver]
+listen = "127.0.0.1:0"
+admin_listen = ""
+
+[[source]]
+name = "shop"
+environment = "sandbox"
+scheme = "github"
+secrets_env = ["SHOP_WEBHOOK_SECRET"]
+event_key = {{ json = ["/event_id"] }}
+event_type = {{ json = "/type" }}
+
+[source.reconcile]
+kind = "http-list"
+url = "{address}/v2/events"
+api_key_env = "SHOP_API_KEY"
+auth_header = "X-Api-Key"
+auth_scheme = ""
+items = "/events"
+item_id = "/event_id"
+next_cursor = "/next_page"
+cursor_param = "page"
+since_param = "created_after"
+"#
+    );
+    let env = [
+        ("SHOP_WEBHOOK_SECRET", "shop-webhook-secret"),
+        ("SHOP_API_KEY", "shop-key-1"),
+    ];
+    let app = TestApp::spawn(&config_text, &env).await;
+    for event in events.iter().step_by(3) {
+        assert_eq!(
+            app.post_signed("shop", &serde_json::to_vec(event).unwrap())
+                .await
+                .status,
+            200
+        );
+    }
+    let request = ReconcileRequest {
+        since: None,
+        dry_run: false,
+        actor: "test".into(),
+        reason: None,
+    };
+    let source = app.config.source("shop").unwrap();
+    let report = reconcile::reconcile(&app.db.pool, source, &request)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            report.pages,
+            report.listed,
+            report.already_stored,
+            report.imported
+        ),
+        (5, 30, 10, 20)
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM inbox_events WHERE source = 'shop' AND event_type = 'order.paid'"
+        )
+        .await,
+        30
+    );
+    let again = reconcile::reconcile(&app.db.pool, source, &request)
+        .await
+        .unwrap();
+    assert_eq!((again.listed, again.imported), (30, 0));
+}
