@@ -121,7 +121,7 @@ impl<'a> Lister<'a> {
                     )));
                 }
                 Err(error) => {
-                    last_failure = format!("cannot reach the provider: {}", without_url(&error));
+                    last_failure = format!("cannot reach the provider: {}", failure_kind(&error));
                     backoff
                 }
             };
@@ -169,9 +169,9 @@ fn retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
     Some(Duration::from_secs(seconds))
 }
 
-/// reqwest's message without the URL (which carries the cursor, not a
-/// secret, but is noise in a one-line reason).
-fn without_url(error: &reqwest::Error) -> String {
+/// What kind of network failure it was, in words (reqwest's own message
+/// repeats the URL, noise in a one-line reason).
+fn failure_kind(error: &reqwest::Error) -> String {
     let kind = if error.is_timeout() {
         "timed out"
     } else if error.is_connect() {
