@@ -6,8 +6,8 @@
 //!
 //! A binary that embeds hookbox needs only the root's types: a [`Config`], a
 //! [`Worker`] and the [`Handler`]s it provides in code (see [`Worker`] for a
-//! complete example). The operator tools (`cli`, `ops`, `pgcluster`) sit
-//! behind the default `cli` feature; embedders may turn it off.
+//! complete example). The operator tools (`cli`, `ops`, `pgcluster`,
+//! `reconcile`) sit behind the default `cli` feature; embedders may turn it off.
 
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -22,6 +22,8 @@ pub mod ops;
 #[cfg(feature = "cli")]
 pub mod pgcluster;
 pub mod receiver;
+#[cfg(feature = "cli")]
+pub mod reconcile;
 pub mod secret;
 pub mod signature;
 pub mod status;

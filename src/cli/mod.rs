@@ -7,6 +7,7 @@ mod operate;
 mod output;
 mod process;
 pub mod receiver;
+mod reconcile;
 mod send;
 pub mod worker;
 
@@ -82,6 +83,8 @@ pub enum Command {
     Import(operate::ImportArgs),
     /// Signed, realistic load against a deployment, with latency percentiles.
     Loadtest(loadtest::LoadtestArgs),
+    /// Ask the provider which events it sent; import those the inbox lacks.
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,5 +135,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Resume(args) => flow::pause(&cli.common, args, true).await,
         Command::Import(args) => operate::import(&cli.common, args).await,
         Command::Loadtest(args) => loadtest::run(&cli.common, args).await,
+        Command::Reconcile(args) => reconcile::run(&cli.common, args).await,
     }
 }

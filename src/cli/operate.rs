@@ -68,7 +68,7 @@ pub struct ActionArgs {
 }
 
 impl ActionArgs {
-    fn actor(&self) -> String {
+    pub(super) fn actor(&self) -> String {
         self.actor.clone().unwrap_or_else(ops::os_user)
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use crate::{
     db::PoolSettings,
-    worker::{self, LibraryHandlers},
+    worker::{self, LibraryHandlers, Worker},
 };
 
 pub fn main() -> ExitCode {
@@ -14,7 +14,16 @@ pub fn main() -> ExitCode {
         "Process stored webhook events",
         PoolSettings::worker,
         |config, pool, shutdown| async move {
-            worker::run(&config, pool, LibraryHandlers::default(), shutdown).await
+            let worker = Worker::from_config(&config, pool.clone(), LibraryHandlers::default())?;
+            // Scheduled reconciliation runs beside the worker; the database
+            // elects one worker per source and period.
+            tokio::spawn(crate::reconcile::run_scheduled(
+                config.clone(),
+                pool,
+                worker.id().to_owned(),
+                shutdown.clone(),
+            ));
+            worker::run(&config, worker, shutdown).await
         },
     )
 }

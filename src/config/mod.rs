@@ -1,6 +1,7 @@
 //! Loading and checking the configuration file. Everything a process needs is
 //! checked here, once, so a bad file is refused at start with the key named.
 
+mod reconcile;
 mod sections;
 
 use std::{
@@ -11,6 +12,7 @@ use std::{
 };
 
 use ipnet::IpNet;
+pub use reconcile::{Auth, Listing, Reconcile, ReconcileSection};
 pub use sections::*;
 
 use crate::{
@@ -56,6 +58,8 @@ pub struct Source {
     pub tolerance: Duration,
     /// Flow control: the source's events are ordered by this key.
     pub ordering: Option<OrderingSpec>,
+    /// `[source.reconcile]`: asking the provider which events it sent.
+    pub reconcile: Option<Reconcile>,
 }
 
 /// A `[handler.NAME]` table with its secrets resolved.
@@ -408,6 +412,7 @@ impl Checker<'_> {
             }
         }
         let ordering = self.check_ordering(i, &section)?;
+        let reconcile = self.check_reconcile(i, &section)?;
         let event_type = section
             .event_type
             .or_else(|| default_event_type(section.scheme));
@@ -422,6 +427,7 @@ impl Checker<'_> {
             rate_limit: section.rate_limit,
             tolerance: section.tolerance.0,
             ordering,
+            reconcile,
         })
     }
 

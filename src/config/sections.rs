@@ -205,6 +205,9 @@ pub struct SourceSection {
     pub algorithm: Option<Algorithm>,
     #[serde(default)]
     pub encoding: Option<Encoding>,
+    /// `[source.reconcile]`: see `reconcile.rs`.
+    #[serde(default)]
+    pub reconcile: Option<super::ReconcileSection>,
 }
 
 fn default_event_key() -> EventKeySpec {

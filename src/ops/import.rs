@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use super::{add_affected, record_action};
 use crate::{
     config::Source,
-    event_key::{sha256_hex, EventFields, EventKeySpec},
+    event_key::{sha256_hex, EventFields, EventKeySpec, ExtractError},
     store::{self, IngestOutcome, NewDelivery, Origin},
 };
 
@@ -47,6 +47,79 @@ pub enum ImportError {
     Database(#[from] sqlx::Error),
 }
 
+/// Where imported payloads go: into the inbox under an operator action, or
+/// (a dry run) nowhere, only counted.
+#[derive(Debug)]
+pub enum ImportTarget {
+    Action(i64),
+    /// The keys a dry run has counted as new so far.
+    DryRun(HashSet<String>),
+}
+
+impl ImportTarget {
+    pub fn dry_run() -> Self {
+        Self::DryRun(HashSet::new())
+    }
+
+    pub fn action_id(&self) -> Option<i64> {
+        match self {
+            Self::Action(id) => Some(*id),
+            Self::DryRun(_) => None,
+        }
+    }
+}
+
+/// Whether payloads of `source` can enter the inbox without a delivery's
+/// headers.
+pub fn check_importable(source: &Source) -> Result<(), ImportError> {
+    match &source.event_key {
+        EventKeySpec::Header(header) => Err(ImportError::HeaderKey {
+            name: source.name.clone(),
+            header: header.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A payload's hash, key, type and JSON text, derived as a delivery's would be.
+pub fn event_fields<'a>(
+    source: &Source,
+    payload: &'a [u8],
+) -> Result<(String, EventFields<'a>), ExtractError> {
+    let no_headers: &[(&str, &str)] = &[];
+    let sha = sha256_hex(payload);
+    let fields = EventFields::extract(
+        &source.event_key,
+        source.event_type.as_ref(),
+        source.ordering.as_ref(),
+        payload,
+        &sha,
+        no_headers,
+    )?;
+    Ok((sha, fields))
+}
+
+/// The one way events obtained out of band enter the inbox (`hookbox import`
+/// and reconciliation both come through here): each payload is stored if its
+/// key is new, every one gets an `imported` audit row saying what became of
+/// it, and the new events are linked to the action. `(number, payload)`: the
+/// number names an invalid payload in the report.
+pub async fn import_payloads(
+    pool: &PgPool,
+    source: &Source,
+    target: &mut ImportTarget,
+    batch: &[(u64, Vec<u8>)],
+    report: &mut ImportReport,
+) -> Result<(), ImportError> {
+    check_importable(source)?;
+    match target {
+        ImportTarget::Action(action_id) => {
+            import_batch(pool, source, *action_id, batch, report).await
+        }
+        ImportTarget::DryRun(seen) => check_batch(pool, source, batch, seen, report).await,
+    }
+}
+
 /// One payload per line (JSON Lines); blank lines are ignored.
 pub async fn import(
     pool: &PgPool,
@@ -55,12 +128,7 @@ pub async fn import(
     request: &ImportRequest,
     progress: impl Fn(u64),
 ) -> Result<ImportReport, ImportError> {
-    if let EventKeySpec::Header(header) = &source.event_key {
-        return Err(ImportError::HeaderKey {
-            name: source.name.clone(),
-            header: header.clone(),
-        });
-    }
+    check_importable(source)?;
     let mut report = ImportReport::default();
     let action_id = if request.dry_run {
         None
@@ -79,7 +147,10 @@ pub async fn import(
         )
     };
     report.action_id = action_id;
-    let mut seen_in_dry_run = HashSet::new();
+    let mut target = match action_id {
+        Some(action_id) => ImportTarget::Action(action_id),
+        None => ImportTarget::dry_run(),
+    };
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(request.batch_size);
     let mut lines = input.split(b'\n');
     let mut number = 0u64;
@@ -104,10 +175,7 @@ pub async fn import(
             break;
         }
         let done = batch.len() as u64;
-        match action_id {
-            Some(action_id) => import_batch(pool, source, action_id, &batch, &mut report).await?,
-            None => check_batch(pool, source, &batch, &mut seen_in_dry_run, &mut report).await?,
-        }
+        import_payloads(pool, source, &mut target, &batch, &mut report).await?;
         batch.clear();
         progress(done);
         if ended {
@@ -130,7 +198,7 @@ pub async fn import(
     Ok(report)
 }
 
-/// A line's hash and fields, as a delivery's would be; an invalid line is
+/// A payload's hash and fields, as a delivery's would be; an invalid one is
 /// noted in the report with its number.
 fn parse<'a>(
     source: &Source,
@@ -138,17 +206,8 @@ fn parse<'a>(
     payload: &'a [u8],
     report: &mut ImportReport,
 ) -> Option<(String, EventFields<'a>)> {
-    let no_headers: &[(&str, &str)] = &[];
-    let sha = sha256_hex(payload);
-    match EventFields::extract(
-        &source.event_key,
-        source.event_type.as_ref(),
-        source.ordering.as_ref(),
-        payload,
-        &sha,
-        no_headers,
-    ) {
-        Ok(fields) => Some((sha, fields)),
+    match event_fields(source, payload) {
+        Ok(fields) => Some(fields),
         Err(error) => {
             report.invalid.push((number, error.to_string()));
             None

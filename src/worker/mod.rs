@@ -319,17 +319,14 @@ impl Worker {
     }
 }
 
-/// Runs a worker for `config` until `shutdown` is cancelled, with the
-/// metrics endpoint `[worker] admin_listen` names. What `hookbox-worker` runs;
-/// an embedding binary passes its library handlers. `pool` is made with
-/// [`crate::db::PoolSettings::worker`].
+/// Runs `worker` until `shutdown` is cancelled, with the metrics endpoint
+/// `[worker] admin_listen` names: what `hookbox-worker` runs. An embedding
+/// binary builds the worker with its library handlers first.
 pub async fn run(
     config: &Config,
-    pool: PgPool,
-    library: LibraryHandlers,
+    worker: Worker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let worker = Worker::from_config(config, pool, library)?;
     if !config.worker.admin_listen.is_empty() {
         let port = crate::telemetry::serve_metrics(&config.worker.admin_listen)?;
         tracing::info!(admin_port = port, "metrics served");

@@ -121,6 +121,7 @@ fn every_command_has_help() {
         &["dev", "--help"],
         &["config", "check", "--help"],
         &["migrate", "--help"],
+        &["reconcile", "--help"],
     ] {
         let output = hookbox().args(args).output().unwrap();
         assert!(output.status.success(), "{args:?}");
@@ -197,6 +198,10 @@ fn the_configuration_reference_example_is_accepted_and_names_every_documented_ke
         ("BEGINI_API_KEY", "current"),
         ("BEGINI_API_KEY_PREVIOUS", "previous"),
         ("DOWNSTREAM_WHSEC", "whsec_ZG93bnN0cmVhbQ=="),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_stripe"),
+        ("STRIPE_API_KEY", "rk_test_reconcile"),
+        ("SHOP_WEBHOOK_SECRET", "whsec_c2hvcA=="),
+        ("SHOP_API_KEY", "shop-api-key"),
     ];
     assert_success(&config_check(&example_here, &env));
     let documented: Vec<&str> = doc

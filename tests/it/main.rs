@@ -8,6 +8,7 @@ mod observability;
 mod operations;
 mod providers;
 mod receiver;
+mod reconcile;
 mod resilience;
 mod safeguards;
 mod support;
