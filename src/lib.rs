@@ -4,8 +4,10 @@
 //! stores the event once under its key; the worker hands each stored event to
 //! its handler exactly once, with retries and an audit row for every step.
 
+pub mod alerts;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod duration;
 pub mod event_key;

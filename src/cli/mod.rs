@@ -1,5 +1,6 @@
 //! The `hookbox` operator command.
 
+mod console;
 mod dev;
 mod loadtest;
 mod operate;
@@ -72,6 +73,8 @@ pub enum Command {
     Import(operate::ImportArgs),
     /// Signed, realistic load against a deployment, with latency percentiles.
     Loadtest(loadtest::LoadtestArgs),
+    /// Serve the web console (configured in [console]).
+    Console,
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,5 +130,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Prune(args) => operate::prune(&cli.common, args).await,
         Command::Import(args) => operate::import(&cli.common, args).await,
         Command::Loadtest(args) => loadtest::run(&cli.common, args).await,
+        Command::Console => console::run(&cli.common).await,
     }
 }

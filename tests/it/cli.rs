@@ -197,6 +197,9 @@ fn the_configuration_reference_example_is_accepted_and_names_every_documented_ke
         ("BEGINI_API_KEY", "current"),
         ("BEGINI_API_KEY_PREVIOUS", "previous"),
         ("DOWNSTREAM_WHSEC", "whsec_ZG93bnN0cmVhbQ=="),
+        ("HOOKBOX_OPS_TOKEN", "ops-token-for-the-example-0001"),
+        ("HOOKBOX_AUDIT_TOKEN", "audit-token-for-the-example-02"),
+        ("ALERT_WEBHOOK_URL", "https://alerts.example.test/hookbox"),
     ];
     assert_success(&config_check(&example_here, &env));
     let documented: Vec<&str> = doc
