@@ -99,9 +99,14 @@ async fn main() -> anyhow::Result<()> {
     .execute(&pool)
     .await?;
     for table in ["inbox_events", "inbox_deliveries", "inbox_attempts"] {
-        sqlx::query(&format!("VACUUM ANALYZE {table}")).execute(&pool).await?;
+        sqlx::query(&format!("VACUUM ANALYZE {table}"))
+            .execute(&pool)
+            .await?;
     }
-    println!("seeded {events} events (with deliveries and attempts) in {:.1}s", seeded.elapsed().as_secs_f64());
+    println!(
+        "seeded {events} events (with deliveries and attempts) in {:.1}s",
+        seeded.elapsed().as_secs_f64()
+    );
 
     let env: BTreeMap<String, String> = [
         ("BEGINI_API_KEY".to_string(), "bench-key".to_string()),
@@ -134,16 +139,25 @@ async fn main() -> anyhow::Result<()> {
         for _ in 0..20 {
             let (took, body) = get(path.clone()).await?;
             pages.push(took);
-            let Some(older) = body.split(r#"id="older" href=""#).nth(1) else { break };
+            let Some(older) = body.split(r#"id="older" href=""#).nth(1) else {
+                break;
+            };
             path = older.split('"').next().unwrap().replace("&amp;", "&");
         }
     }
-    report("events page (status filter, 50 per page, 20 pages deep)", pages);
+    report(
+        "events page (status filter, 50 per page, 20 pages deep)",
+        pages,
+    );
 
     let mut with_source = Vec::new();
     for status in ["dead", "retrying"] {
         for _ in 0..10 {
-            with_source.push(get(format!("/events?status={status}&source=partner")).await?.0);
+            with_source.push(
+                get(format!("/events?status={status}&source=partner"))
+                    .await?
+                    .0,
+            );
         }
     }
     report("events page (status and source filter)", with_source);
@@ -152,7 +166,10 @@ async fn main() -> anyhow::Result<()> {
     for n in [17, 999_000, 523_456] {
         searches.push(get(format!("/events?q=uid+%3D+U{n}")).await?.0);
     }
-    report("payload search (uid = …, no index: a scan bounded by the page)", searches);
+    report(
+        "payload search (uid = …, no index: a scan bounded by the page)",
+        searches,
+    );
 
     let mut overview = Vec::new();
     for _ in 0..20 {

@@ -31,4 +31,6 @@ CREATE INDEX hookbox_alert_notifications_at_idx ON hookbox_alert_notifications (
 -- are time-ordered), so each page reads only its own rows. Payload search has
 -- no index of its own: a GIN index would slow every insert on the receiver's
 -- hot path, and searches are bounded by the page size and a statement timeout.
-CREATE INDEX inbox_events_status_id_idx ON inbox_events (status, id);
+-- `source` rides along so the overview counts the open statuses per source
+-- from the index alone.
+CREATE INDEX inbox_events_status_id_idx ON inbox_events (status, id) INCLUDE (source);

@@ -19,6 +19,11 @@ use crate::config::{AlertConfig, Condition, Config};
 
 pub use notify::Notification;
 
+/// Starts `run_evaluator` on its own task: the worker's one line for alerts.
+pub fn spawn_evaluator(config: &Config, shutdown: &CancellationToken) {
+    tokio::spawn(run_evaluator(config.clone(), shutdown.clone()));
+}
+
 /// Runs until `shutdown`: every `[alerting] evaluate_every`, claims each alert
 /// that is due and notifies if its condition holds and `every` has passed
 /// since the last notification that reached its endpoint.
@@ -33,7 +38,11 @@ pub async fn run_evaluator(config: Config, shutdown: CancellationToken) {
             return;
         }
     };
-    let evaluator = Evaluator::new(pool, config.alerts.clone(), config.alert_evaluation_interval);
+    let evaluator = Evaluator::new(
+        pool,
+        config.alerts.clone(),
+        config.alert_evaluation_interval,
+    );
     tracing::info!(alerts = config.alerts.len(), "alert evaluator started");
     // Rows are claimed for a whole interval; looking twice as often bounds the
     // delay between rounds to 1.5 intervals whichever worker claims.
@@ -136,17 +145,27 @@ impl Evaluator {
         Ok(evaluated)
     }
 
-    async fn notify(&self, alert: &AlertConfig, counts: serde_json::Value) -> Result<(), sqlx::Error> {
+    async fn notify(
+        &self,
+        alert: &AlertConfig,
+        counts: serde_json::Value,
+    ) -> Result<(), sqlx::Error> {
         let notification = Notification {
             alert: &alert.name,
             condition: &alert.when,
             source: alert.source.as_deref(),
             counts: &counts,
         };
-        let result = notification.send(&self.client, &alert.url, alert.format).await;
+        let result = notification
+            .send(&self.client, &alert.url, alert.format)
+            .await;
         let (outcome, status_code, error) = match &result {
             Ok(status) => ("sent", Some(i32::from(*status)), None),
-            Err(failure) => ("failed", failure.status.map(i32::from), Some(failure.reason.clone())),
+            Err(failure) => (
+                "failed",
+                failure.status.map(i32::from),
+                Some(failure.reason.clone()),
+            ),
         };
         let mut transaction = self.pool.begin().await?;
         sqlx::query!(
@@ -180,7 +199,9 @@ impl Evaluator {
             .increment(1);
         match error {
             None => tracing::info!(alert = %alert.name, "alert notification sent"),
-            Some(reason) => tracing::warn!(alert = %alert.name, reason, "alert notification failed; retried next round"),
+            Some(reason) => {
+                tracing::warn!(alert = %alert.name, reason, "alert notification failed; retried next round")
+            }
         }
         Ok(())
     }
@@ -254,7 +275,8 @@ pub async fn evaluate(pool: &PgPool, alert: &AlertConfig) -> Result<Evaluation, 
         Condition::WrongEnvironment => {
             // Over the alert's own `every`: each quiet period reports the
             // deliveries it covered.
-            let wrong = count_deliveries(pool, source, Some("wrong_environment"), alert.every).await?;
+            let wrong =
+                count_deliveries(pool, source, Some("wrong_environment"), alert.every).await?;
             Evaluation {
                 firing: wrong > 0,
                 counts: json!({ "wrong_environment": wrong, "window_seconds": alert.every.as_secs() }),

@@ -108,6 +108,9 @@ mod tests {
         assert_eq!(body["counts"]["dead"], 3);
         let slack = notification.body(NotifyFormat::Slack);
         let text = slack["text"].as_str().unwrap();
-        assert!(text.contains("dead-events") && text.contains("dead: 3"), "{text}");
+        assert!(
+            text.contains("dead-events") && text.contains("dead: 3"),
+            "{text}"
+        );
     }
 }

@@ -205,10 +205,16 @@ impl Checker<'_> {
         for (i, entry) in section.tokens.into_iter().enumerate() {
             let key = |field: &str| format!("console.tokens[{i}].{field}");
             if entry.name.is_empty() || entry.name.chars().any(char::is_control) {
-                return Err(self.error(key("name"), "must be a non-empty name (it is recorded as the actor)"));
+                return Err(self.error(
+                    key("name"),
+                    "must be a non-empty name (it is recorded as the actor)",
+                ));
             }
             if tokens.iter().any(|t| t.name == entry.name) {
-                return Err(self.error(key("name"), format!("token \"{}\" is defined twice", entry.name)));
+                return Err(self.error(
+                    key("name"),
+                    format!("token \"{}\" is defined twice", entry.name),
+                ));
             }
             if entry.token.is_some() {
                 return Err(self.error(
@@ -217,9 +223,14 @@ impl Checker<'_> {
                 ));
             }
             let value = match (&entry.token_env, &entry.token_file) {
-                (Some(var), None) => self.env.var(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                    self.error(key("token_env"), format!("environment variable {var} is not set"))
-                })?,
+                (Some(var), None) => {
+                    self.env.var(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                        self.error(
+                            key("token_env"),
+                            format!("environment variable {var} is not set"),
+                        )
+                    })?
+                }
                 (None, Some(path)) => {
                     read_secret_file(path).map_err(|m| self.error(key("token_file"), m))?
                 }
@@ -247,7 +258,10 @@ impl Checker<'_> {
             });
         }
         if tokens.is_empty() {
-            return Err(self.error("console.tokens", "name at least one token: the console serves nothing without one"));
+            return Err(self.error(
+                "console.tokens",
+                "name at least one token: the console serves nothing without one",
+            ));
         }
         if section.session.0 < Duration::from_secs(60) {
             return Err(self.error("console.session", "must be at least 1m"));
@@ -275,17 +289,29 @@ impl Checker<'_> {
                 return Err(self.error(key("name"), "must be a non-empty name"));
             }
             if alerts.iter().any(|a| a.name == section.name) {
-                return Err(self.error(key("name"), format!("alert \"{}\" is defined twice", section.name)));
+                return Err(self.error(
+                    key("name"),
+                    format!("alert \"{}\" is defined twice", section.name),
+                ));
             }
-            let condition: Condition = section.when.parse().map_err(|m| self.error(key("when"), m))?;
+            let condition: Condition = section
+                .when
+                .parse()
+                .map_err(|m| self.error(key("when"), m))?;
             if let Some(source) = &section.source {
                 if !sources.iter().any(|s| &s.name == source) {
-                    return Err(self.error(key("source"), format!("no [[source]] is named \"{source}\"")));
+                    return Err(self.error(
+                        key("source"),
+                        format!("no [[source]] is named \"{source}\""),
+                    ));
                 }
             }
             let var = &section.notify.url_env;
             let url = self.env.var(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                self.error(key("notify.url_env"), format!("environment variable {var} is not set"))
+                self.error(
+                    key("notify.url_env"),
+                    format!("environment variable {var} is not set"),
+                )
             })?;
             match reqwest::Url::parse(&url) {
                 Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
@@ -302,7 +328,11 @@ impl Checker<'_> {
             }
             alerts.push(AlertConfig {
                 name: section.name,
-                when: section.when.split_whitespace().collect::<Vec<_>>().join(" "),
+                when: section
+                    .when
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 condition,
                 source: section.source,
                 url: Secret::new(url.into_bytes()),
@@ -328,17 +358,30 @@ mod tests {
         );
         assert_eq!(
             "failure_rate > 0.2 over 5m".parse(),
-            Ok(Condition::FailureRate { above: 0.2, over: Duration::from_secs(300) })
+            Ok(Condition::FailureRate {
+                above: 0.2,
+                over: Duration::from_secs(300)
+            })
         );
         assert_eq!(
             "signature_failures > 20 over 1m".parse(),
-            Ok(Condition::SignatureFailures { above: 20, over: Duration::from_secs(60) })
+            Ok(Condition::SignatureFailures {
+                above: 20,
+                over: Duration::from_secs(60)
+            })
         );
     }
 
     #[test]
     fn malformed_conditions_are_refused() {
-        for text in ["", "deadish", "oldest_due_age 10m", "failure_rate > 2 over 5m", "failure_rate > 0.2 over 0s", "signature_failures > -1 over 1m"] {
+        for text in [
+            "",
+            "deadish",
+            "oldest_due_age 10m",
+            "failure_rate > 2 over 5m",
+            "failure_rate > 0.2 over 0s",
+            "signature_failures > -1 over 1m",
+        ] {
             assert!(text.parse::<Condition>().is_err(), "{text} was accepted");
         }
     }

@@ -177,7 +177,11 @@ impl Auth {
 
     /// The CSRF token the forms of this session carry.
     pub fn csrf_token(&self, session: &str) -> String {
-        hex::encode(self.mac(&[b"csrf", session.as_bytes()]).finalize().into_bytes())
+        hex::encode(
+            self.mac(&[b"csrf", session.as_bytes()])
+                .finalize()
+                .into_bytes(),
+        )
     }
 
     fn csrf_matches(&self, session: &str, presented: &str) -> bool {
@@ -197,7 +201,9 @@ impl Auth {
                 .ok()
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .ok_or(Refusal::BadToken)?;
-            let (name, role) = self.check_token(token.trim().as_bytes()).ok_or(Refusal::BadToken)?;
+            let (name, role) = self
+                .check_token(token.trim().as_bytes())
+                .ok_or(Refusal::BadToken)?;
             return Ok(Principal {
                 name,
                 role,

@@ -41,7 +41,8 @@ use crate::{
 pub const PAGE_SIZE: i64 = 50;
 
 /// No inline script or style, no framing, forms post only here.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+pub const CONTENT_SECURITY_POLICY: &str =
+    "default-src 'none'; script-src 'self'; style-src 'self'; \
      img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 const STYLES: &str = include_str!("assets/console.css");
@@ -267,11 +268,7 @@ struct CsrfForm {
     csrf: Option<String>,
 }
 
-async fn logout(
-    principal: Principal,
-    auth: web::Data<Auth>,
-    form: web::Form<CsrfForm>,
-) -> Page {
+async fn logout(principal: Principal, auth: web::Data<Auth>, form: web::Form<CsrfForm>) -> Page {
     if let auth::Via::Session(session) = &principal.via {
         if form.csrf.as_deref() != Some(auth.csrf_token(session).as_str()) {
             return Err(Refusal::BadCsrf.into());
@@ -285,7 +282,7 @@ async fn logout(
 
 async fn overview(principal: Principal, auth: web::Data<Auth>, state: web::Data<State>) -> Page {
     let (statuses, hour, day, notifications) = tokio::try_join!(
-        ops::status::status(&state.pool),
+        queries::source_health(&state.pool, &state.sources),
         queries::throughput(&state.pool, 3600.0, 300.0),
         queries::throughput(&state.pool, 86_400.0, 3600.0),
         queries::notifications(&state.pool, 10),
@@ -293,7 +290,6 @@ async fn overview(principal: Principal, auth: web::Data<Auth>, state: web::Data<
     let view = pages::View::new(&principal, &auth);
     Ok(html(pages::overview(
         &view,
-        &state.sources,
         &statuses,
         &hour,
         &day,
@@ -330,7 +326,12 @@ impl FilterQuery {
     /// The filter, checked: every part a user typed is validated here.
     pub fn filter(&self) -> Result<EventFilter, ConsoleError> {
         let statuses: Vec<String> = present(&self.status)
-            .map(|s| s.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+            .map(|s| {
+                s.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
             .unwrap_or_default();
         if let Some(bad) = statuses.iter().find(|s| !STATUSES.contains(&s.as_str())) {
             return Err(ConsoleError::BadRequest(format!(
@@ -354,7 +355,8 @@ impl FilterQuery {
     }
 
     fn payload(&self) -> Result<Option<serde_json::Value>, ConsoleError> {
-        queries::parse_payload_search(present(&self.q).unwrap_or("")).map_err(ConsoleError::BadRequest)
+        queries::parse_payload_search(present(&self.q).unwrap_or(""))
+            .map_err(ConsoleError::BadRequest)
     }
 
     /// The query string of this filter, without the page cursor.
@@ -399,12 +401,24 @@ async fn events(
         .map(|b| b.parse::<Uuid>())
         .transpose()
         .map_err(|_| ConsoleError::BadRequest("`before` is not an event id".into()))?;
-    let mut rows =
-        queries::events_page(&state.pool, &filter, payload.as_ref(), before, PAGE_SIZE + 1).await?;
+    let mut rows = queries::events_page(
+        &state.pool,
+        &filter,
+        payload.as_ref(),
+        before,
+        PAGE_SIZE + 1,
+    )
+    .await?;
     let more = rows.len() as i64 > PAGE_SIZE;
     rows.truncate(PAGE_SIZE as usize);
     let view = pages::View::new(&principal, &auth);
-    Ok(html(pages::events(&view, &state.sources, &query, &rows, more)))
+    Ok(html(pages::events(
+        &view,
+        &state.sources,
+        &query,
+        &rows,
+        more,
+    )))
 }
 
 fn event_id(text: &str) -> Result<Uuid, ConsoleError> {
@@ -428,7 +442,12 @@ async fn event(
         .await?
         .ok_or(ConsoleError::NotFound)?;
     let view = pages::View::new(&principal, &auth);
-    Ok(html(pages::event(&view, &detail, &timeline, notice.replayed)))
+    Ok(html(pages::event(
+        &view,
+        &detail,
+        &timeline,
+        notice.replayed,
+    )))
 }
 
 /// A yes/no field from an HTML checkbox (`on`) or JSON (`true`).
@@ -520,7 +539,10 @@ async fn replay_one(
     if principal.wants_json() {
         return Ok(HttpResponse::Ok().json(report));
     }
-    Ok(see_other(&format!("/events/{id}?replayed={}", report.replayed)))
+    Ok(see_other(&format!(
+        "/events/{id}?replayed={}",
+        report.replayed
+    )))
 }
 
 impl ActionBody {
@@ -556,7 +578,11 @@ async fn replay_preview(
     };
     let view = pages::View::new(&principal, &auth);
     match ops::replay::preview(&state.pool, &request, 20).await {
-        Ok((count, sample)) => Ok(html(pages::replay_preview(&view, &query, Ok((count, &sample))))),
+        Ok((count, sample)) => Ok(html(pages::replay_preview(
+            &view,
+            &query,
+            Ok((count, &sample)),
+        ))),
         Err(ReplayError::Database(error)) => Err(error.into()),
         Err(other) => Ok(html(pages::replay_preview(
             &view,
@@ -579,7 +605,9 @@ async fn replay_bulk(
     let request = replay_request(&principal, &form, Vec::new(), filter);
     if flag(&form.dry_run) {
         let (count, sample) = ops::replay::preview(&state.pool, &request, 20).await?;
-        return Ok(HttpResponse::Ok().json(serde_json::json!({ "would_replay": count, "sample": sample })));
+        return Ok(
+            HttpResponse::Ok().json(serde_json::json!({ "would_replay": count, "sample": sample }))
+        );
     }
     let report = ops::replay::replay(&state.pool, &request, |_| {}).await?;
     if principal.wants_json() {

@@ -9,14 +9,13 @@ use maud::{html, Markup, DOCTYPE};
 
 use super::{
     auth::{Auth, Principal},
-    queries::{ActionRow, Bucket, NotificationRow},
+    queries::{ActionRow, Bucket, NotificationRow, SourceHealth},
     FilterQuery, PAGE_SIZE,
 };
 use crate::ops::{
     events::{EventDetail, EventSummary, TimelineEntry},
     filter::STATUSES,
     replay::ReplayReport,
-    status::SourceStatus,
 };
 
 /// Who is looking, and the CSRF token their forms carry.
@@ -120,7 +119,7 @@ pub fn error_page(status: StatusCode, message: &str) -> Markup {
     )
 }
 
-fn health(status: &SourceStatus) -> (&'static str, &'static str) {
+fn health(status: &SourceHealth) -> (&'static str, &'static str) {
     if status.dead > 0 {
         ("bad", "dead events")
     } else if status.oldest_due_seconds.unwrap_or(0.0) > 60.0 {
@@ -134,16 +133,11 @@ fn health(status: &SourceStatus) -> (&'static str, &'static str) {
 
 pub fn overview(
     view: &View,
-    configured: &[String],
-    statuses: &[SourceStatus],
+    sources: &[SourceHealth],
     hour: &[Bucket],
     day: &[Bucket],
     notifications: &[NotificationRow],
 ) -> Markup {
-    let silent: Vec<&String> = configured
-        .iter()
-        .filter(|name| !statuses.iter().any(|s| &s.source == *name))
-        .collect();
     layout(
         view,
         "Overview",
@@ -153,27 +147,22 @@ pub fn overview(
                 table #sources {
                     thead { tr {
                         th { "Source" } th { "Health" } th.n { "Pending" } th.n { "Processing" } th.n { "Retrying" }
-                        th.n { "Succeeded" } th.n { "Dead" } th.n { "Skipped" } th { "Oldest due" }
-                        th.n { "Deliveries 1h" } th.n { "Completed 1h" } th { "Last delivery" }
+                        th.n { "Dead" } th { "Oldest due" } th.n { "Deliveries 1h" } th.n { "Completed 1h" }
+                        th.n { "Failed attempts 1h" } th { "Last delivery" }
                     } }
                     tbody {
-                        @for s in statuses {
+                        @for s in sources {
                             @let (class, label) = health(s);
                             tr {
                                 td { a href={ "/events?source=" (s.source) } { (s.source) } }
                                 td { span class={ "badge " (class) } { (label) } }
                                 td.n { (s.pending) } td.n { (s.processing) }
                                 td.n { a href={ "/events?status=retrying&source=" (s.source) } { (s.retrying) } }
-                                td.n { (s.succeeded) }
                                 td.n { a href={ "/events?status=dead&source=" (s.source) } { (s.dead) } }
-                                td.n { (s.skipped) }
                                 td { (s.oldest_due_seconds.map(age).unwrap_or_else(|| "—".into())) }
-                                td.n { (s.deliveries_1h) } td.n { (s.completed_1h) }
+                                td.n { (s.deliveries_1h) } td.n { (s.completed_1h) } td.n { (s.failed_1h) }
                                 td { (s.last_delivery_at.as_ref().map(time).unwrap_or_else(|| "never".into())) }
                             }
-                        }
-                        @for name in &silent {
-                            tr { td { (name) } td { span.badge { "no deliveries yet" } } td colspan="10" {} }
                         }
                     }
                 }
@@ -182,7 +171,7 @@ pub fn overview(
                 h2 { "Last hour (5-minute buckets)" }
                 (chart(hour, "%H:%M"))
                 h2 { "Last day (hourly)" }
-                (chart(day, "%H:00"))
+                (chart(day, "%b %d %H:00"))
                 p.legend {
                     span.deliveries { "deliveries" } " " span.completions { "completions" } " " span.failures { "failures" }
                 }
@@ -210,12 +199,24 @@ fn chart(buckets: &[Bucket], label: &str) -> Markup {
         buckets
             .iter()
             .enumerate()
-            .map(|(i, b)| format!("{:.1},{:.1}", i as f64 * step, HEIGHT - value(b) as f64 / max * HEIGHT))
+            .map(|(i, b)| {
+                format!(
+                    "{:.1},{:.1}",
+                    i as f64 * step,
+                    HEIGHT - value(b) as f64 / max * HEIGHT
+                )
+            })
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let first = buckets.first().map(|b| b.start.format(label).to_string()).unwrap_or_default();
-    let last = buckets.last().map(|b| b.start.format(label).to_string()).unwrap_or_default();
+    let first = buckets
+        .first()
+        .map(|b| b.start.format(label).to_string())
+        .unwrap_or_default();
+    let last = buckets
+        .last()
+        .map(|b| b.start.format(label).to_string())
+        .unwrap_or_default();
     html! {
         svg.chart viewBox="-40 -10 780 175" role="img" aria-label="throughput chart" xmlns="http://www.w3.org/2000/svg" {
             line x1="0" y1=(HEIGHT) x2=(WIDTH) y2=(HEIGHT) stroke="#999" {}

@@ -83,6 +83,66 @@ pub async fn events_page(
     .await
 }
 
+/// One source on the overview. Only the statuses an operator acts on are
+/// counted (from the status index alone): counting every succeeded event of
+/// a large inbox would make the page as slow as the table is big.
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceHealth {
+    pub source: String,
+    pub pending: i64,
+    pub processing: i64,
+    pub retrying: i64,
+    pub dead: i64,
+    pub oldest_due_seconds: Option<f64>,
+    pub deliveries_1h: i64,
+    pub completed_1h: i64,
+    pub failed_1h: i64,
+    pub last_delivery_at: Option<DateTime<Utc>>,
+}
+
+pub async fn source_health(
+    pool: &PgPool,
+    sources: &[String],
+) -> Result<Vec<SourceHealth>, sqlx::Error> {
+    sqlx::query_as!(
+        SourceHealth,
+        r#"
+        WITH open AS (
+            SELECT source, status, count(*) AS n
+            FROM inbox_events
+            WHERE status IN ('pending', 'processing', 'retrying', 'dead')
+            GROUP BY source, status
+        ), recent_attempts AS (
+            SELECT e.source,
+                   count(*) FILTER (WHERE a.outcome = 'succeeded') AS completed,
+                   count(*) FILTER (WHERE a.outcome IN ('retry', 'dead', 'lease_expired')) AS failed
+            FROM inbox_attempts a JOIN inbox_events e ON e.id = a.event_id
+            WHERE a.started_at > now() - interval '1 hour'
+            GROUP BY e.source
+        )
+        SELECT s.source AS "source!",
+               coalesce((SELECT n FROM open WHERE open.source = s.source AND status = 'pending'), 0) AS "pending!",
+               coalesce((SELECT n FROM open WHERE open.source = s.source AND status = 'processing'), 0) AS "processing!",
+               coalesce((SELECT n FROM open WHERE open.source = s.source AND status = 'retrying'), 0) AS "retrying!",
+               coalesce((SELECT n FROM open WHERE open.source = s.source AND status = 'dead'), 0) AS "dead!",
+               (SELECT extract(epoch FROM now() - min(next_attempt_at))::float8 FROM inbox_events
+                 WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now() AND source = s.source)
+                 AS oldest_due_seconds,
+               (SELECT count(*) FROM inbox_deliveries d
+                 WHERE d.source = s.source AND d.received_at > now() - interval '1 hour') AS "deliveries_1h!",
+               coalesce((SELECT completed FROM recent_attempts r WHERE r.source = s.source), 0) AS "completed_1h!",
+               coalesce((SELECT failed FROM recent_attempts r WHERE r.source = s.source), 0) AS "failed_1h!",
+               (SELECT max(d.received_at) FROM inbox_deliveries d WHERE d.source = s.source) AS last_delivery_at
+        FROM (SELECT unnest($1::text[]) AS source
+              UNION SELECT DISTINCT source FROM open) s
+        ORDER BY s.source
+        "#,
+        sources
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// Deliveries, completions and failures per bucket, oldest first.
 #[derive(Clone, Debug, Serialize)]
 pub struct Bucket {

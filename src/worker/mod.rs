@@ -720,7 +720,7 @@ pub fn main() -> ExitCode {
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));
-        tokio::spawn(crate::alerts::run_evaluator(config.clone(), shutdown.clone()));
+        crate::alerts::spawn_evaluator(&config, &shutdown);
         worker.run(shutdown).await
     });
     match result {

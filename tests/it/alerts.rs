@@ -70,12 +70,20 @@ every = "1h"
 }
 
 fn env_for(sink_port: u16) -> (String, String) {
-    (format!("ALERT_URL_{sink_port}"), format!("http://127.0.0.1:{sink_port}/hooks/alerts"))
+    (
+        format!("ALERT_URL_{sink_port}"),
+        format!("http://127.0.0.1:{sink_port}/hooks/alerts"),
+    )
 }
 
 /// An event that gave up: delivered, then marked dead as the worker would.
 async fn a_dead_event(app: &TestApp) -> uuid::Uuid {
-    let answer = app.post_signed("begini", &begini_payload(&unique_uid(), "application.complete")).await;
+    let answer = app
+        .post_signed(
+            "begini",
+            &begini_payload(&unique_uid(), "application.complete"),
+        )
+        .await;
     assert_eq!(answer.status, 200);
     let id = answer.event_id();
     sqlx::query("UPDATE inbox_events SET status = 'dead', last_error = 'handler kept failing' WHERE id = $1")
@@ -88,11 +96,19 @@ async fn a_dead_event(app: &TestApp) -> uuid::Uuid {
 
 async fn spawn_app(sink_port: u16, evaluate_every: &str) -> TestApp {
     let (var, url) = env_for(sink_port);
-    TestApp::spawn(&alert_config(sink_port, evaluate_every), &[("BEGINI_API_KEY", BEGINI_KEY), (&var, &url)]).await
+    TestApp::spawn(
+        &alert_config(sink_port, evaluate_every),
+        &[("BEGINI_API_KEY", BEGINI_KEY), (&var, &url)],
+    )
+    .await
 }
 
 fn evaluator(app: &TestApp) -> Evaluator {
-    Evaluator::new(app.db.pool.clone(), app.config.alerts.clone(), app.config.alert_evaluation_interval)
+    Evaluator::new(
+        app.db.pool.clone(),
+        app.config.alerts.clone(),
+        app.config.alert_evaluation_interval,
+    )
 }
 
 /// Lets the next round claim the alert at once, as if an interval had passed.
@@ -116,13 +132,20 @@ async fn a_dead_event_is_notified_once_per_every() {
     a_dead_event(&app).await;
     next_interval(&app).await;
     evaluator.round().await.unwrap();
-    assert_eq!(sink.count(), 1, "notified in the first round that sees the dead event");
+    assert_eq!(
+        sink.count(),
+        1,
+        "notified in the first round that sees the dead event"
+    );
     let body = sink.received.lock().unwrap()[0].clone();
     assert_eq!(body["alert"], "dead-events");
     assert_eq!(body["condition"], "dead");
     assert_eq!(body["source"], "begini");
     assert_eq!(body["counts"]["dead"], 1);
-    assert!(!body.to_string().contains("integration_id"), "no payload in a notification");
+    assert!(
+        !body.to_string().contains("integration_id"),
+        "no payload in a notification"
+    );
 
     // Before the interval passes, a round evaluates nothing.
     assert_eq!(evaluator.round().await.unwrap(), 0);
@@ -132,7 +155,8 @@ async fn a_dead_event_is_notified_once_per_every() {
     }
     assert_eq!(sink.count(), 1, "no second notification within `every`");
     assert_eq!(
-        app.count("SELECT count(*) FROM hookbox_alert_notifications WHERE outcome = 'sent'").await,
+        app.count("SELECT count(*) FROM hookbox_alert_notifications WHERE outcome = 'sent'")
+            .await,
         1
     );
     sink.handle.stop(false).await;
@@ -149,7 +173,14 @@ async fn with_three_workers_exactly_one_notification_is_sent() {
     std::fs::write(&path, alert_config(port, "200ms")).unwrap();
     let (var, url) = env_for(port);
     let mut workers: Vec<_> = (0..3)
-        .map(|_| crate::support::spawn_service_with_env("hookbox-worker", &path, &app.db.url, &[(&var, &url)]))
+        .map(|_| {
+            crate::support::spawn_service_with_env(
+                "hookbox-worker",
+                &path,
+                &app.db.url,
+                &[(&var, &url)],
+            )
+        })
         .collect();
     for _ in 0..300 {
         if sink.count() > 0 {
@@ -165,7 +196,11 @@ async fn with_three_workers_exactly_one_notification_is_sent() {
         worker.wait().unwrap();
     }
     assert_eq!(sink.count(), 1, "no worker sent a second one");
-    assert_eq!(app.count("SELECT count(*) FROM hookbox_alert_notifications").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM hookbox_alert_notifications")
+            .await,
+        1
+    );
     sink.handle.stop(false).await;
 }
 
@@ -187,7 +222,8 @@ async fn a_notification_to_a_sink_that_is_down_is_recorded_failed_and_retried() 
     assert_eq!(error.as_deref(), Some("endpoint unreachable"));
     let metrics = hookbox::telemetry::metrics_handle().render();
     assert!(
-        metrics.contains(r#"hookbox_alert_notifications_total{alert="dead-events",outcome="failed"}"#),
+        metrics
+            .contains(r#"hookbox_alert_notifications_total{alert="dead-events",outcome="failed"}"#),
         "{metrics}"
     );
 
@@ -195,21 +231,31 @@ async fn a_notification_to_a_sink_that_is_down_is_recorded_failed_and_retried() 
     next_interval(&app).await;
     evaluator.round().await.unwrap();
     assert_eq!(sink.count(), 1, "retried once the sink is back");
-    let outcomes: Vec<String> = sqlx::query_scalar("SELECT outcome FROM hookbox_alert_notifications ORDER BY id")
-        .fetch_all(&app.db.pool)
-        .await
-        .unwrap();
+    let outcomes: Vec<String> =
+        sqlx::query_scalar("SELECT outcome FROM hookbox_alert_notifications ORDER BY id")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
     assert_eq!(outcomes, ["failed", "sent"]);
     sink.handle.stop(false).await;
 }
 
 #[test]
 fn alert_sections_are_checked_at_load() {
-    let env = [("BEGINI_API_KEY", BEGINI_KEY), ("HOOK", "https://hooks.example.test/x")];
+    let env = [
+        ("BEGINI_API_KEY", BEGINI_KEY),
+        ("HOOK", "https://hooks.example.test/x"),
+    ];
     let parse = |extra: &str| {
-        let env: std::collections::BTreeMap<String, String> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        hookbox::config::Config::parse(&format!("{BEGINI_CONFIG}\n{extra}"), std::path::Path::new("test.toml"), &env)
+        let env: std::collections::BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        hookbox::config::Config::parse(
+            &format!("{BEGINI_CONFIG}\n{extra}"),
+            std::path::Path::new("test.toml"),
+            &env,
+        )
     };
     let good = r#"
 [[alert]]
@@ -220,12 +266,21 @@ notify = { url_env = "HOOK", format = "slack" }
     let checked = parse(good).unwrap();
     assert_eq!(checked.alerts[0].every, Duration::from_secs(900));
     for (bad, key) in [
-        (good.replace("oldest_due_age > 10m", "oldest_due_age > soon"), "alert[0].when"),
-        (good.replace("HOOK", "MISSING_HOOK"), "alert[0].notify.url_env"),
+        (
+            good.replace("oldest_due_age > 10m", "oldest_due_age > soon"),
+            "alert[0].when",
+        ),
+        (
+            good.replace("HOOK", "MISSING_HOOK"),
+            "alert[0].notify.url_env",
+        ),
         (format!("{good}source = \"nowhere\"\n"), "alert[0].source"),
     ] {
         let error = parse(&bad).unwrap_err();
         assert_eq!(error.key, key, "{error}");
-        assert!(!error.to_string().contains("hooks.example.test"), "the URL is never echoed");
+        assert!(
+            !error.to_string().contains("hooks.example.test"),
+            "the URL is never echoed"
+        );
     }
 }

@@ -51,7 +51,8 @@ tokens = [
         )
         .await;
         let stop = CancellationToken::new();
-        let pool = hookbox::db::pool(&app.db.url, &hookbox::worker::pool_settings(&app.config)).unwrap();
+        let pool =
+            hookbox::db::pool(&app.db.url, &hookbox::worker::pool_settings(&app.config)).unwrap();
         let worker = Worker::from_config(&app.config, pool, Default::default()).unwrap();
         tokio::spawn(worker.run(stop.clone()));
         let console = Console::build(&app.config, console::pool(&app.db.url).unwrap()).unwrap();
@@ -108,7 +109,10 @@ tokens = [
             .await
             .unwrap();
         assert_eq!(response.status(), 303);
-        let set_cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
+        let set_cookie = response.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
         assert!(set_cookie.contains("SameSite=Strict"), "{set_cookie}");
         set_cookie.split(';').next().unwrap().to_owned()
@@ -137,22 +141,38 @@ trait JsonBody {
 
 impl JsonBody for reqwest::RequestBuilder {
     fn json_body(self, value: &serde_json::Value) -> Self {
-        self.header("content-type", "application/json").body(value.to_string())
+        self.header("content-type", "application/json")
+            .body(value.to_string())
     }
 }
 
 /// The value of the first hidden `csrf` field in a page.
 fn csrf_in(page: &str) -> String {
-    let at = page.find(r#"name="csrf" value=""#).expect("a csrf field") + r#"name="csrf" value=""#.len();
+    let at =
+        page.find(r#"name="csrf" value=""#).expect("a csrf field") + r#"name="csrf" value=""#.len();
     page[at..].split('"').next().unwrap().to_owned()
 }
 
 #[tokio::test]
 async fn without_a_valid_token_only_the_login_page_is_served() {
     let test = ConsoleTest::start().await;
-    let id = test.delivered(&begini_payload(&unique_uid(), "application.complete")).await;
-    for path in ["/", "/events", &format!("/events/{id}"), "/actions", "/replay", "/nowhere"] {
-        let response = test.http.get(format!("{}{path}", test.url)).send().await.unwrap();
+    let id = test
+        .delivered(&begini_payload(&unique_uid(), "application.complete"))
+        .await;
+    for path in [
+        "/",
+        "/events",
+        &format!("/events/{id}"),
+        "/actions",
+        "/replay",
+        "/nowhere",
+    ] {
+        let response = test
+            .http
+            .get(format!("{}{path}", test.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 303, "{path} without a token");
         assert_eq!(response.headers()["location"], "/login");
         let response = test
@@ -172,10 +192,21 @@ async fn without_a_valid_token_only_the_login_page_is_served() {
             .unwrap();
         assert_eq!(response.status(), 303, "{path} with a forged cookie");
     }
-    let login = test.http.get(format!("{}/login", test.url)).send().await.unwrap();
+    let login = test
+        .http
+        .get(format!("{}/login", test.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(login.status(), 200);
-    let csp = login.headers()["content-security-policy"].to_str().unwrap().to_owned();
-    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
+    let csp = login.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
     assert!(!csp.contains("unsafe-inline"));
     let wrong = test
         .http
@@ -191,7 +222,9 @@ async fn without_a_valid_token_only_the_login_page_is_served() {
 #[tokio::test]
 async fn refused_changes_write_nothing() {
     let test = ConsoleTest::start().await;
-    let id = test.delivered(&begini_payload(&unique_uid(), "application.complete")).await;
+    let id = test
+        .delivered(&begini_payload(&unique_uid(), "application.complete"))
+        .await;
     let replay = format!("{}/events/{id}/replay", test.url);
 
     // An operator's browser session without the form's CSRF token.
@@ -218,7 +251,10 @@ async fn refused_changes_write_nothing() {
     // A viewer, by browser (with a valid CSRF token) and by script.
     let audit = test.login(AUDIT_TOKEN).await;
     let (_, page) = test.page(&format!("/events/{id}"), &audit).await;
-    assert!(!page.contains(r#"id="replay""#), "a viewer sees no replay form");
+    assert!(
+        !page.contains(r#"id="replay""#),
+        "a viewer sees no replay form"
+    );
     let response = test
         .http
         .post(&replay)
@@ -239,7 +275,13 @@ async fn refused_changes_write_nothing() {
     assert_eq!(response.status(), 403);
 
     // No token, and a wrong one.
-    let response = test.http.post(&replay).form(&[("reason", "anonymous")]).send().await.unwrap();
+    let response = test
+        .http
+        .post(&replay)
+        .form(&[("reason", "anonymous")])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 303);
     let response = test
         .http
@@ -264,7 +306,9 @@ async fn refused_changes_write_nothing() {
     assert_eq!(test.actions().await, 0, "nothing was recorded");
     assert_eq!(
         test.app
-            .count(&format!("SELECT attempts::int8 FROM inbox_events WHERE id = '{id}' AND status = 'skipped'"))
+            .count(&format!(
+                "SELECT attempts::int8 FROM inbox_events WHERE id = '{id}' AND status = 'skipped'"
+            ))
             .await,
         1,
         "the event is untouched"
@@ -292,26 +336,36 @@ async fn refused_changes_write_nothing() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let report: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
     assert_eq!(report["replayed"], 1);
     let (actor, reason): (String, Option<String>) =
         sqlx::query_as("SELECT actor, reason FROM inbox_actions")
             .fetch_one(&test.app.db.pool)
             .await
             .unwrap();
-    assert_eq!((actor.as_str(), reason.as_deref()), ("ops", Some("handler fixed")));
+    assert_eq!(
+        (actor.as_str(), reason.as_deref()),
+        ("ops", Some("handler fixed"))
+    );
 }
 
 #[tokio::test]
 async fn bulk_replay_shows_the_dry_run_count_first() {
     let test = ConsoleTest::start().await;
     for _ in 0..3 {
-        test.delivered(&begini_payload(&unique_uid(), "application.expired")).await;
+        test.delivered(&begini_payload(&unique_uid(), "application.expired"))
+            .await;
     }
     let ops = test.login(OPS_TOKEN).await;
-    let (status, page) = test.page("/replay?status=skipped&type=application.*", &ops).await;
+    let (status, page) = test
+        .page("/replay?status=skipped&type=application.*", &ops)
+        .await;
     assert_eq!(status, 200);
-    assert!(page.contains("Would replay <strong>3</strong> events"), "{page}");
+    assert!(
+        page.contains("Would replay <strong>3</strong> events"),
+        "{page}"
+    );
     assert_eq!(test.actions().await, 0, "a dry run changes nothing");
 
     let dry = test
@@ -342,10 +396,16 @@ async fn bulk_replay_shows_the_dry_run_count_first() {
         .unwrap();
     assert_eq!(done.status(), 200);
     let body = done.text().await.unwrap();
-    assert!(body.contains("Replayed <strong>3</strong> events"), "{body}");
+    assert!(
+        body.contains("Replayed <strong>3</strong> events"),
+        "{body}"
+    );
     let (status, actions) = test.page("/actions", &ops).await;
     assert_eq!(status, 200);
-    assert!(actions.contains("route added") && actions.contains("<td>ops</td>"), "{actions}");
+    assert!(
+        actions.contains("route added") && actions.contains("<td>ops</td>"),
+        "{actions}"
+    );
 }
 
 #[tokio::test]
@@ -355,7 +415,10 @@ async fn the_events_page_filters_searches_payloads_and_pages() {
     let mut last = None;
     for i in 0..55 {
         let uid = if i == 7 { wanted.clone() } else { unique_uid() };
-        let answer = test.app.post_signed("begini", &begini_payload(&uid, "application.complete")).await;
+        let answer = test
+            .app
+            .post_signed("begini", &begini_payload(&uid, "application.complete"))
+            .await;
         assert_eq!(answer.status, 200);
         last = Some(answer.event_id());
     }
@@ -366,15 +429,30 @@ async fn the_events_page_filters_searches_payloads_and_pages() {
     let (_, first) = test.page("/events?status=skipped", &ops).await;
     assert_eq!(first.matches("<tr><td><a href=\"/events/").count(), 50);
     assert!(first.contains(&last.unwrap().to_string()), "newest first");
-    let older = first.split(r#"id="older" href=""#).nth(1).expect("an older page").split('"').next().unwrap();
+    let older = first
+        .split(r#"id="older" href=""#)
+        .nth(1)
+        .expect("an older page")
+        .split('"')
+        .next()
+        .unwrap();
     let (_, second) = test.page(&older.replace("&amp;", "&"), &ops).await;
     assert_eq!(second.matches("<tr><td><a href=\"/events/").count(), 5);
 
-    for search in [format!("uid = {wanted}"), format!(r#"{{"uid":"{wanted}"}}"#)] {
-        let query: String = form_urlencoded::Serializer::new(String::new()).append_pair("q", &search).finish();
+    for search in [
+        format!("uid = {wanted}"),
+        format!(r#"{{"uid":"{wanted}"}}"#),
+    ] {
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("q", &search)
+            .finish();
         let (status, found) = test.page(&format!("/events?{query}"), &ops).await;
         assert_eq!(status, 200);
-        assert_eq!(found.matches("<tr><td><a href=\"/events/").count(), 1, "{search}");
+        assert_eq!(
+            found.matches("<tr><td><a href=\"/events/").count(),
+            1,
+            "{search}"
+        );
     }
     let (status, _) = test.page("/events?status=lost", &ops).await;
     assert_eq!(status, 400);
@@ -404,24 +482,46 @@ async fn payloads_render_as_escaped_text() {
     for path in [format!("/events/{id}"), "/events".to_owned()] {
         let (status, page) = test.page(&path, &ops).await;
         assert_eq!(status, 200);
-        for injected in ["<script>window", "<img src=x", "<svg onload", "<a href=\"javascript:"] {
-            assert!(!page.contains(injected), "{path} contains markup {injected}");
+        for injected in [
+            "<script>window",
+            "<img src=x",
+            "<svg onload",
+            "<a href=\"javascript:",
+        ] {
+            assert!(
+                !page.contains(injected),
+                "{path} contains markup {injected}"
+            );
         }
     }
     let (_, page) = test.page(&format!("/events/{id}"), &ops).await;
-    assert!(page.contains("&lt;script&gt;window.hookboxXss = 1"), "the payload is shown as text");
+    assert!(
+        page.contains("&lt;script&gt;window.hookboxXss = 1"),
+        "the payload is shown as text"
+    );
 }
 
 #[tokio::test]
 async fn tokens_never_appear_in_pages_or_logs() {
     let test = ConsoleTest::start().await;
-    let id = test.delivered(&begini_payload(&unique_uid(), "application.complete")).await;
+    let id = test
+        .delivered(&begini_payload(&unique_uid(), "application.complete"))
+        .await;
     let ops = test.login(OPS_TOKEN).await;
     assert!(!ops.contains(OPS_TOKEN));
-    for path in ["/", "/events", &format!("/events/{id}"), "/actions", "/replay?status=skipped"] {
+    for path in [
+        "/",
+        "/events",
+        &format!("/events/{id}"),
+        "/actions",
+        "/replay?status=skipped",
+    ] {
         let (status, page) = test.page(path, &ops).await;
         assert_eq!(status, 200, "{path}");
-        assert!(!page.contains(OPS_TOKEN) && !page.contains(AUDIT_TOKEN), "{path} shows a token");
+        assert!(
+            !page.contains(OPS_TOKEN) && !page.contains(AUDIT_TOKEN),
+            "{path} shows a token"
+        );
     }
     test.http
         .post(format!("{}/login", test.url))
@@ -429,7 +529,11 @@ async fn tokens_never_appear_in_pages_or_logs() {
         .send()
         .await
         .unwrap();
-    crate::support::assert_logs_never_contain(&[OPS_TOKEN, AUDIT_TOKEN, "a-wrong-token-typed-by-someone"]);
+    crate::support::assert_logs_never_contain(&[
+        OPS_TOKEN,
+        AUDIT_TOKEN,
+        "a-wrong-token-typed-by-someone",
+    ]);
 }
 
 /// chromedriver and headless Chromium, or `None` (said loudly) outside CI.
@@ -509,11 +613,21 @@ impl Browser {
         let step = info.color_type.samples();
         let colours: std::collections::HashSet<&[u8]> =
             pixels[..info.buffer_size()].chunks(step).collect();
-        assert!(colours.len() > 8, "screenshot {name} is blank ({} colours)", colours.len());
+        assert!(
+            colours.len() > 8,
+            "screenshot {name} is blank ({} colours)",
+            colours.len()
+        );
     }
 
     async fn text(&self, css: &str) -> String {
-        self.client.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     async fn stop(mut self) {
@@ -525,16 +639,33 @@ impl Browser {
 
 #[tokio::test]
 async fn an_operator_logs_in_opens_a_new_event_and_replays_it_in_the_browser() {
-    let Some(browser) = Browser::start().await else { return };
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
     let test = ConsoleTest::start().await;
-    let id = test.delivered(&begini_payload(&unique_uid(), "application.complete")).await;
+    let id = test
+        .delivered(&begini_payload(&unique_uid(), "application.complete"))
+        .await;
     let page = &browser.client;
 
     page.goto(&format!("{}/", test.url)).await.unwrap();
     assert!(page.current_url().await.unwrap().path().ends_with("/login"));
-    page.find(Locator::Css("#token")).await.unwrap().send_keys(OPS_TOKEN).await.unwrap();
-    page.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
-    page.wait().for_element(Locator::Css("#sources")).await.unwrap();
+    page.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(OPS_TOKEN)
+        .await
+        .unwrap();
+    page.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    page.wait()
+        .for_element(Locator::Css("#sources"))
+        .await
+        .unwrap();
     assert!(browser.text("#sources").await.contains("begini"));
     browser.screenshot("overview").await;
 
@@ -545,15 +676,34 @@ async fn an_operator_logs_in_opens_a_new_event_and_replays_it_in_the_browser() {
         .await
         .unwrap();
     link.click().await.unwrap();
-    page.wait().for_element(Locator::Css("#timeline")).await.unwrap();
+    page.wait()
+        .for_element(Locator::Css("#timeline"))
+        .await
+        .unwrap();
     assert_eq!(browser.text("#event-id").await, id.to_string());
     let timeline = browser.text("#timeline").await;
-    assert!(timeline.contains("delivery") && timeline.contains("attempt"), "{timeline}");
+    assert!(
+        timeline.contains("delivery") && timeline.contains("attempt"),
+        "{timeline}"
+    );
     browser.screenshot("event").await;
 
-    page.find(Locator::Css("#reason")).await.unwrap().send_keys("checking the new route").await.unwrap();
-    page.find(Locator::Css("#replay-button")).await.unwrap().click().await.unwrap();
-    page.wait().for_element(Locator::Css("p.notice")).await.unwrap();
+    page.find(Locator::Css("#reason"))
+        .await
+        .unwrap()
+        .send_keys("checking the new route")
+        .await
+        .unwrap();
+    page.find(Locator::Css("#replay-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    page.wait()
+        .for_element(Locator::Css("p.notice"))
+        .await
+        .unwrap();
     test.wait_for(&format!(
         "SELECT (count(*) = 2 AND bool_and(finished_at IS NOT NULL))::int::int8 FROM inbox_attempts WHERE event_id = '{id}'"
     ))
@@ -561,21 +711,43 @@ async fn an_operator_logs_in_opens_a_new_event_and_replays_it_in_the_browser() {
     page.refresh().await.unwrap();
     let timeline = browser.text("#timeline").await;
     // A replay restarts the attempt count: the new attempt is a second row.
-    assert_eq!(timeline.matches("attempt skipped").count(), 2, "the new attempt is shown: {timeline}");
-    assert!(timeline.contains("checking the new route"), "the replay and its reason are shown: {timeline}");
+    assert_eq!(
+        timeline.matches("attempt skipped").count(),
+        2,
+        "the new attempt is shown: {timeline}"
+    );
+    assert!(
+        timeline.contains("checking the new route"),
+        "the replay and its reason are shown: {timeline}"
+    );
     browser.stop().await;
 }
 
 #[tokio::test]
 async fn hostile_payloads_run_no_script_in_the_browser() {
-    let Some(browser) = Browser::start().await else { return };
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
     let test = ConsoleTest::start().await;
     let id = test.delivered(&hostile_payload(&unique_uid())).await;
     let page = &browser.client;
     page.goto(&format!("{}/login", test.url)).await.unwrap();
-    page.find(Locator::Css("#token")).await.unwrap().send_keys(OPS_TOKEN).await.unwrap();
-    page.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
-    page.wait().for_element(Locator::Css("#sources")).await.unwrap();
+    page.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(OPS_TOKEN)
+        .await
+        .unwrap();
+    page.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    page.wait()
+        .for_element(Locator::Css("#sources"))
+        .await
+        .unwrap();
     for path in ["/events".to_owned(), format!("/events/{id}")] {
         page.goto(&format!("{}{path}", test.url)).await.unwrap();
         page.wait().for_element(Locator::Css("main")).await.unwrap();
@@ -587,6 +759,9 @@ async fn hostile_payloads_run_no_script_in_the_browser() {
         assert!(!marker[1].as_str().unwrap().contains("pwned"), "{path}");
         assert_eq!(marker[2], 0, "{path}: markup was injected");
     }
-    assert!(browser.text("#payload").await.contains("<script>window.hookboxXss = 1"));
+    assert!(browser
+        .text("#payload")
+        .await
+        .contains("<script>window.hookboxXss = 1"));
     browser.stop().await;
 }
