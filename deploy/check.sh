@@ -22,3 +22,8 @@ if command -v systemd-analyze >/dev/null; then
     systemd-analyze verify "$scratch"/*.service
     echo "systemd units: valid"
 fi
+# Prometheus alerting rules, with Prometheus's own checker (Debian's package).
+if ! command -v promtool >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+fi
+promtool check rules deploy/prometheus/alerts.yml

@@ -6,12 +6,16 @@
 //!
 //! A binary that embeds hookbox needs only the root's types: a [`Config`], a
 //! [`Worker`] and the [`Handler`]s it provides in code (see [`Worker`] for a
-//! complete example). The operator tools (`cli`, `ops`, `pgcluster`,
-//! `reconcile`) sit behind the default `cli` feature; embedders may turn it off.
+//! complete example). The operator tools (`cli`, `ops`, `console`,
+//! `pgcluster`, `reconcile`) sit behind the default `cli` feature; embedders
+//! may turn it off.
 
+pub mod alerts;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
+#[cfg(feature = "cli")]
+pub mod console;
 pub mod db;
 pub mod duration;
 pub mod event_key;

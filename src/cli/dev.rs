@@ -27,6 +27,9 @@ pub struct DevArgs {
     /// The receiver's port on 127.0.0.1 (0: any free port).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// The web console's port on 127.0.0.1 (0: any free port).
+    #[arg(long, default_value_t = 8088)]
+    pub console_port: u16,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
@@ -36,6 +39,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let config_path = write_dev_config(&data_dir, args.port)?;
     let mut config = Config::load(&config_path)?;
     config.receiver.listen = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
+    let console_token = dev_console(&mut config, &data_dir, args.console_port)?;
 
     let (url, cluster) = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
         Some(url) => (url, None),
@@ -63,6 +67,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let worker_pool = db::pool(&url, &db::PoolSettings::worker(&config))?;
     let worker = worker::Worker::from_config(&config, worker_pool, Default::default())?;
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    let console = crate::console::Console::build(&config, crate::console::pool(&url)?)?;
+    let console_server = console.handle();
+    let console_port = console.port();
+    let console_task = tokio::spawn(console.run_until_stopped());
 
     println!("hookbox dev is running");
     println!("  database:  {url}");
@@ -71,6 +79,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         app.port()
     );
     println!("  config:    {}", config_path.display());
+    println!("  console:   http://127.0.0.1:{console_port}/  (token: {console_token})");
     println!();
     println!("Send a signed test event from another terminal:");
     println!(
@@ -84,12 +93,50 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     crate::shutdown_on_signal(shutdown.clone()).await;
     println!("stopping...");
     server.stop(true).await;
+    console_server.stop(true).await;
     let _ = server_task.await;
+    let _ = console_task.await;
     let _ = worker_task.await;
     if let Some(cluster) = cluster {
         tokio::task::spawn_blocking(move || cluster.stop(StopMode::Fast)).await??;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The console on 127.0.0.1 with one operator token, kept in the data
+/// directory (mode 0600) so a browser session survives restarts of `dev`.
+/// A `[console]` section in the generated file, if the user wrote one, wins.
+fn dev_console(config: &mut Config, data_dir: &Path, port: u16) -> anyhow::Result<String> {
+    let token_file = data_dir.join("dev-console-token");
+    if !token_file.exists() {
+        let token: [u8; 24] = rand::random();
+        std::fs::write(&token_file, hex::encode(token))?;
+        std::fs::set_permissions(
+            &token_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
+    }
+    let token = std::fs::read_to_string(&token_file)?.trim().to_owned();
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    match &mut config.console {
+        Some(console) => {
+            console.listen = listen;
+            Ok(format!("as configured in {}", config.path.display()))
+        }
+        None => {
+            config.console = Some(crate::config::ConsoleConfig {
+                listen,
+                tokens: vec![crate::config::ConsoleToken {
+                    name: "dev".into(),
+                    token: crate::secret::Secret::new(token.clone().into_bytes()),
+                    role: crate::config::Role::Operator,
+                }],
+                session: Duration::from_secs(8 * 3600),
+            });
+            // A development token on a loopback port, printed on purpose.
+            Ok(token)
+        }
+    }
 }
 
 /// The example configuration, written once so users can edit it.

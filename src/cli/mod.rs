@@ -1,5 +1,6 @@
 //! The `hookbox` operator command.
 
+mod console;
 mod dev;
 mod flow;
 mod loadtest;
@@ -85,6 +86,8 @@ pub enum Command {
     Loadtest(loadtest::LoadtestArgs),
     /// Ask the provider which events it sent; import those the inbox lacks.
     Reconcile(reconcile::ReconcileArgs),
+    /// Serve the web console (configured in [console]).
+    Console,
 }
 
 #[derive(Subcommand, Debug)]
@@ -136,5 +139,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Import(args) => operate::import(&cli.common, args).await,
         Command::Loadtest(args) => loadtest::run(&cli.common, args).await,
         Command::Reconcile(args) => reconcile::run(&cli.common, args).await,
+        Command::Console => console::run(&cli.common).await,
     }
 }

@@ -23,6 +23,8 @@ pub fn main() -> ExitCode {
                 worker.id().to_owned(),
                 shutdown.clone(),
             ));
+            // So do alerts: one evaluator at a time, elected through the database.
+            crate::alerts::spawn_evaluator(&config, &shutdown);
             worker::run(&config, worker, shutdown).await
         },
     )

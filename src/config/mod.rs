@@ -1,6 +1,7 @@
 //! Loading and checking the configuration file. Everything a process needs is
 //! checked here, once, so a bad file is refused at start with the key named.
 
+mod operators;
 mod reconcile;
 mod sections;
 
@@ -12,6 +13,7 @@ use std::{
 };
 
 use ipnet::IpNet;
+pub use operators::{AlertConfig, Condition, ConsoleConfig, ConsoleToken, NotifyFormat, Role};
 pub use reconcile::{Auth, Listing, Reconcile, ReconcileSection};
 pub use sections::*;
 
@@ -41,6 +43,10 @@ pub struct Config {
     pub sources: Vec<Source>,
     pub routes: Vec<RouteSection>,
     pub handlers: BTreeMap<String, HandlerConfig>,
+    /// `[console]`: absent means `hookbox console` refuses to start.
+    pub console: Option<ConsoleConfig>,
+    pub alerts: Vec<AlertConfig>,
+    pub alert_evaluation_interval: Duration,
 }
 
 /// A webhook sender, ready for the receiver.
@@ -246,7 +252,12 @@ impl Checker<'_> {
             }
         }
 
+        let console = self.check_console(file.console)?;
+        let alerts = self.check_alerts(file.alert, &sources, &file.alerting)?;
         Ok(Config {
+            console,
+            alerts,
+            alert_evaluation_interval: file.alerting.evaluate_every.0,
             path: self.path.to_owned(),
             database: file.database,
             receiver: file.receiver,

@@ -26,6 +26,12 @@ pub struct FileConfig {
     pub route: Vec<RouteSection>,
     #[serde(default)]
     pub handler: BTreeMap<String, HandlerTable>,
+    #[serde(default)]
+    pub console: Option<super::operators::ConsoleSection>,
+    #[serde(default)]
+    pub alert: Vec<super::operators::AlertSection>,
+    #[serde(default)]
+    pub alerting: super::operators::AlertingSection,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -145,7 +145,7 @@ fn dev_runs_a_whole_inbox_that_accepts_send_and_stops_cleanly_on_ctrl_c() {
         .tempdir()
         .unwrap();
     let mut dev = hookbox()
-        .args(["dev", "--port", "0", "--data-dir"])
+        .args(["dev", "--port", "0", "--console-port", "0", "--data-dir"])
         .arg(dir.path())
         .env_remove("DATABASE_URL")
         .env("RUST_LOG", "warn")
@@ -155,8 +155,12 @@ fn dev_runs_a_whole_inbox_that_accepts_send_and_stops_cleanly_on_ctrl_c() {
         .unwrap();
     let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
     let mut send_line = None;
+    let mut console_line = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
+        if line.trim_start().starts_with("console:") {
+            console_line = Some(line.clone());
+        }
         if line.trim_start().starts_with("cargo run -- --config") {
             send_line = Some(line.clone());
         }
@@ -165,6 +169,11 @@ fn dev_runs_a_whole_inbox_that_accepts_send_and_stops_cleanly_on_ctrl_c() {
         }
     }
     let send_line = send_line.expect("dev prints how to send a test event");
+    let console_line = console_line.expect("dev prints the console's URL");
+    assert!(
+        console_line.contains("http://127.0.0.1:") && console_line.contains("token: "),
+        "{console_line}"
+    );
     let args: Vec<&str> = send_line.split_whitespace().skip(3).collect();
 
     let sent = hookbox().args(&args).output().unwrap();
@@ -202,6 +211,9 @@ fn the_configuration_reference_example_is_accepted_and_names_every_documented_ke
         ("STRIPE_API_KEY", "rk_test_reconcile"),
         ("SHOP_WEBHOOK_SECRET", "whsec_c2hvcA=="),
         ("SHOP_API_KEY", "shop-api-key"),
+        ("HOOKBOX_OPS_TOKEN", "ops-token-for-the-example-0001"),
+        ("HOOKBOX_AUDIT_TOKEN", "audit-token-for-the-example-02"),
+        ("ALERT_WEBHOOK_URL", "https://alerts.example.test/hookbox"),
     ];
     assert_success(&config_check(&example_here, &env));
     let documented: Vec<&str> = doc

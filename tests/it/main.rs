@@ -1,6 +1,8 @@
 //! hookbox's integration tests: one binary, a real PostgreSQL.
 
+mod alerts;
 mod cli;
+mod console;
 mod faults;
 mod flow;
 mod group_commit;

@@ -247,6 +247,16 @@ fn init_logs() {
 
 /// Starts `hookbox-receiver` or `hookbox-worker` as its own process.
 pub fn spawn_service(binary: &str, config: &Path, database_url: &str) -> std::process::Child {
+    spawn_service_with_env(binary, config, database_url, &[])
+}
+
+/// Like `spawn_service`, with more environment variables (alert URLs, tokens).
+pub fn spawn_service_with_env(
+    binary: &str,
+    config: &Path,
+    database_url: &str,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let program = match binary {
         "hookbox-receiver" => env!("CARGO_BIN_EXE_hookbox-receiver"),
         "hookbox-worker" => env!("CARGO_BIN_EXE_hookbox-worker"),
@@ -258,6 +268,7 @@ pub fn spawn_service(binary: &str, config: &Path, database_url: &str) -> std::pr
         .env("DATABASE_URL", database_url)
         .env("BEGINI_API_KEY", BEGINI_KEY)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
