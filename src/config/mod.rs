@@ -1,6 +1,7 @@
 //! Loading and checking the configuration file. Everything a process needs is
 //! checked here, once, so a bad file is refused at start with the key named.
 
+mod brokers;
 mod sections;
 
 use std::{
@@ -11,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+pub use brokers::{AmqpSection, BrokerConfig, BrokerTarget, NatsSection, RedisSection};
 use ipnet::IpNet;
 pub use sections::*;
 
@@ -62,6 +64,8 @@ pub struct Source {
 pub struct Handler {
     pub section: HandlerSection,
     pub signing_key: Option<Secret>,
+    /// For `nats`, `amqp` and `redis`: the checked broker settings.
+    pub broker: Option<BrokerConfig>,
 }
 
 /// Where secrets and the database URL are read from: the process environment
@@ -525,6 +529,7 @@ impl Checker<'_> {
 
     fn check_handler(&self, name: &str, section: HandlerSection) -> Result<Handler, ConfigError> {
         let key = |field: &str| format!("handler.{name}.{field}");
+        let broker = self.check_broker(name, &section)?;
         let mut signing_key = None;
         match &section {
             HandlerSection::Sql { statement } if statement.trim().is_empty() => {
@@ -589,6 +594,7 @@ impl Checker<'_> {
         Ok(Handler {
             section,
             signing_key,
+            broker,
         })
     }
 }

@@ -67,4 +67,11 @@ pub trait Handler: Send + Sync {
 #[async_trait]
 pub trait ExternalHandler: Send + Sync {
     async fn handle(&self, event: &Event) -> Result<(), HandlerError>;
+
+    /// Whether a claimed batch's events may all run at once, holding one
+    /// slot, with their outcomes recorded in one transaction: for calls that
+    /// are cheap to make together (a broker publish), not one program each.
+    fn completes_as_a_batch(&self) -> bool {
+        false
+    }
 }

@@ -6,6 +6,7 @@ pub mod handlers;
 mod queue;
 pub mod retry;
 mod routing;
+mod together;
 
 use std::{collections::HashMap, process::ExitCode, sync::Arc, time::Duration};
 
@@ -108,6 +109,9 @@ impl Worker {
                 HandlerSection::Exec { command, timeout } => {
                     Runner::External(Arc::new(handlers::exec::ExecHandler::new(command, timeout.0)))
                 }
+                HandlerSection::Nats(_) | HandlerSection::Amqp(_) | HandlerSection::Redis(_) => {
+                    Runner::External(handlers::broker::build(handler.broker.as_ref().context("checked at load")?))
+                }
                 HandlerSection::Library {} => Runner::InTransaction(library.0.remove(name).with_context(|| {
                     format!("[handler.{name}] is kind = \"library\" but this binary provides no handler of that name")
                 })?),
@@ -172,6 +176,12 @@ impl Worker {
         let mut outcomes = Vec::new();
         if !transactional.is_empty() {
             outcomes.extend(self.complete_in_one_transaction(transactional).await?);
+        }
+        let (together, external): (Vec<_>, Vec<_>) = external
+            .into_iter()
+            .partition(|r| self.completes_together(r));
+        if !together.is_empty() {
+            outcomes.extend(self.complete_together(together).await?);
         }
         drop(slot);
         let external = external
