@@ -1,5 +1,6 @@
 //! hookbox's integration tests: one binary, a real PostgreSQL.
 
+mod brokers;
 mod cli;
 mod faults;
 mod group_commit;

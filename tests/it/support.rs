@@ -252,6 +252,16 @@ fn init_logs() {
 
 /// Starts `hookbox-receiver` or `hookbox-worker` as its own process.
 pub fn spawn_service(binary: &str, config: &Path, database_url: &str) -> std::process::Child {
+    spawn_service_with_env(binary, config, database_url, &[])
+}
+
+/// `spawn_service`, with more environment variables (secrets a config names).
+pub fn spawn_service_with_env(
+    binary: &str,
+    config: &Path,
+    database_url: &str,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let program = match binary {
         "hookbox-receiver" => env!("CARGO_BIN_EXE_hookbox-receiver"),
         "hookbox-worker" => env!("CARGO_BIN_EXE_hookbox-worker"),
@@ -263,6 +273,7 @@ pub fn spawn_service(binary: &str, config: &Path, database_url: &str) -> std::pr
         .env("DATABASE_URL", database_url)
         .env("BEGINI_API_KEY", BEGINI_KEY)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -297,4 +308,90 @@ pub async fn private_cluster(port: Option<u16>) -> (hookbox::pgcluster::Cluster,
     let url = cluster.url("postgres");
     db::migrate(&url).await.expect("migrations apply");
     (cluster, url)
+}
+
+/// Whether a service this machine should run (a broker) answers at `address`.
+/// Absent, the test is skipped and says so loudly; under `CI=true` it fails.
+pub fn service_available(name: &str, address: &str) -> bool {
+    let reachable = address
+        .parse()
+        .ok()
+        .and_then(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()
+        })
+        .is_some();
+    if reachable {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{name} is not reachable at {address}, and CI=true requires it");
+    }
+    eprintln!("SKIPPED: {name} is not reachable at {address}; this test did not run");
+    false
+}
+
+/// A loopback TCP forwarder in front of a real service, which a test cuts
+/// (existing connections dropped, new ones refused) and restores, to play an
+/// outage without stopping the machine's shared service.
+pub struct Forwarder {
+    pub port: u16,
+    target: String,
+    up: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl Forwarder {
+    pub async fn start(target: &str) -> Self {
+        let mut forwarder = Self {
+            port: free_port(),
+            target: target.to_owned(),
+            up: None,
+        };
+        forwarder.restore().await;
+        forwarder
+    }
+
+    /// Drops every forwarded connection and stops listening.
+    pub fn cut(&mut self) {
+        if let Some(up) = self.up.take() {
+            up.cancel();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restore(&mut self) {
+        self.cut();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("the forwarder's port is free again");
+        let up = tokio_util::sync::CancellationToken::new();
+        let (target, token) = (self.target.clone(), up.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                };
+                let (target, token) = (target.clone(), token.clone());
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        self.up = Some(up);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.cut();
+    }
 }
