@@ -701,6 +701,9 @@ async fn an_amqp_message_no_queue_takes_is_retried_not_counted_as_delivered() {
     assert_eq!(status, "retrying");
     assert!(error.contains("no queue is bound"), "{error}");
     assert!(target.take_messages().await.is_empty());
+    // The URL from url_env carries the credentials: they stay out of errors and logs.
+    assert!(!error.contains("guest:guest"), "{error}");
+    assert_logs_never_contain(&["guest:guest"]);
 }
 
 /// A JetStream subject no stream takes: retried (an operator may create the
