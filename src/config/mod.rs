@@ -1,6 +1,7 @@
 //! Loading and checking the configuration file. Everything a process needs is
 //! checked here, once, so a bad file is refused at start with the key named.
 
+mod brokers;
 mod operators;
 mod reconcile;
 mod sections;
@@ -12,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+pub use brokers::{AmqpSection, BrokerConfig, BrokerTarget, NatsSection, RedisSection};
 use ipnet::IpNet;
 pub use operators::{AlertConfig, Condition, ConsoleConfig, ConsoleToken, NotifyFormat, Role};
 pub use reconcile::{Auth, Listing, Reconcile, ReconcileSection};
@@ -75,6 +77,8 @@ pub struct HandlerConfig {
     /// Limits and circuit, shared by every worker process.
     pub flow: HandlerFlow,
     pub signing_key: Option<Secret>,
+    /// For `nats`, `amqp` and `redis`: the checked broker settings.
+    pub broker: Option<BrokerConfig>,
 }
 
 /// A handler's flow-control limits, checked.
@@ -613,6 +617,7 @@ impl Checker<'_> {
         flow: &HandlerFlowSection,
     ) -> Result<HandlerConfig, ConfigError> {
         let key = |field: &str| format!("handler.{name}.{field}");
+        let broker = self.check_broker(name, &section)?;
         let mut signing_key = None;
         match &section {
             HandlerSection::Sql { statement } if statement.trim().is_empty() => {
@@ -679,6 +684,7 @@ impl Checker<'_> {
             section,
             flow,
             signing_key,
+            broker,
         })
     }
 

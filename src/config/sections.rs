@@ -333,6 +333,10 @@ pub enum HandlerSection {
     },
     /// Provided in code by a binary that embeds hookbox.
     Library {},
+    /// Forwarding to a broker (`config::brokers`).
+    Nats(super::NatsSection),
+    Amqp(super::AmqpSection),
+    Redis(super::RedisSection),
 }
 
 fn default_handler_timeout() -> HumanDuration {

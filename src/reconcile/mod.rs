@@ -116,7 +116,7 @@ pub async fn reconcile(
     let mut report = finish(pool, source, &target, outcome).await?;
     // A run from `--since` later than the cursor leaves a gap behind it:
     // then the cursor stays where it was.
-    if !request.dry_run && cursor.map_or(true, |cursor| from <= cursor) {
+    if !request.dry_run && cursor.is_none_or(|cursor| from <= cursor) {
         schedule::advance(pool, &source.name, started).await?;
         report.listed_through = Some(cursor.map_or(started, |c| c.max(started)));
     } else {

@@ -181,6 +181,65 @@ impl Worker {
         }
     }
 
+    /// Whether `routed` goes to a handler that completes a batch at once
+    /// (the broker publishes).
+    pub(super) fn completes_together(&self, routed: &Routed<'_>) -> bool {
+        matches!(self.runner(routed), Some(Runner::External(handler)) if handler.completes_as_a_batch())
+    }
+
+    /// Runs the batch's handlers at once (one slot for all), then records
+    /// every outcome in one transaction, for the events whose lease is still
+    /// this worker's: one commit per batch instead of one per event.
+    pub(super) async fn complete_together(&self, batch: &[Routed<'_>]) -> Result<Vec<Processed>> {
+        let attempts = batch.iter().map(|routed| async move {
+            let Some(Runner::External(handler)) = self.runner(routed) else {
+                unreachable!("only external handlers complete together");
+            };
+            let started = std::time::Instant::now();
+            let attempted = if self.may_start(&routed.claimed, started) {
+                Attempted::Ran(handler.handle(&routed.claimed.event).await)
+            } else {
+                Attempted::NotStarted
+            };
+            record_duration(routed.handler, started);
+            attempted
+        });
+        let attempted = futures_util::future::join_all(attempts).await;
+        let events: Vec<&Event> = batch.iter().map(|r| &r.claimed.event).collect();
+        let (mut transaction, held) = self.begin_holding(&events).await?;
+        let mut recorded = Vec::with_capacity(batch.len());
+        let mut processed = Vec::with_capacity(batch.len());
+        for (routed, attempted) in batch.iter().zip(attempted) {
+            let event = &routed.claimed.event;
+            if !held.contains(&event.id) {
+                outcome::log_lease_lost(event);
+                processed.push(Processed::LeaseLost);
+                continue;
+            }
+            if let (Some(name), Attempted::Ran(result)) = (routed.handler, &attempted) {
+                if let Some(circuit) = self.circuits.get(name) {
+                    queue::record_circuit(
+                        &mut transaction,
+                        name,
+                        event.id,
+                        circuit,
+                        result,
+                        self.policy.max,
+                    )
+                    .await?;
+                }
+            }
+            let finish = self.decide(routed, attempted);
+            processed.push(Processed::Recorded(finish.attempt_outcome));
+            recorded.push((event, finish));
+        }
+        if self.record_and_commit(transaction, recorded).await? {
+            Ok(processed)
+        } else {
+            Ok(vec![Processed::LeaseLost; batch.len()])
+        }
+    }
+
     fn decide<'a>(&self, routed: &Routed<'a>, attempted: Attempted) -> queue::Finish<'a> {
         outcome::decide(
             &self.policy,

@@ -24,6 +24,13 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    /// A broker handler whose settings were not checked at load (a `Config`
+    /// built by hand).
+    #[error("[handler.{name}] has no checked broker settings")]
+    MissingBrokerSettings {
+        /// The `[handler.NAME]` table's name.
+        name: String,
+    },
     /// The worker stopped while work waited for a slot.
     #[error("the worker has stopped")]
     Stopped,

@@ -86,4 +86,11 @@ pub trait Handler: Send + Sync {
 pub trait ExternalHandler: Send + Sync {
     /// Does the event's work; `Ok` means it is done and will not be repeated.
     async fn handle(&self, event: &Event) -> Result<(), HandlerError>;
+
+    /// Whether a claimed batch's events may all run at once, holding one
+    /// slot, with their outcomes recorded in one transaction: for calls that
+    /// are cheap to make together (a broker publish), not one program each.
+    fn completes_as_a_batch(&self) -> bool {
+        false
+    }
 }

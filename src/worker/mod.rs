@@ -202,12 +202,22 @@ impl Worker {
             true => Ok(Vec::new()),
             false => self.complete_in_one_transaction(&transactional).await,
         };
+        // Broker publishes run all at once, holding the batch's slot, and
+        // record their outcomes in one transaction.
+        let (together, external): (Vec<_>, Vec<_>) = external
+            .into_iter()
+            .partition(|routed| self.completes_together(routed));
+        let together = match together.is_empty() {
+            true => Ok(Vec::new()),
+            false => self.complete_together(&together).await,
+        };
         drop(slot);
         let external = external
             .into_iter()
             .map(|routed| self.complete_external(routed));
         let external = futures_util::future::join_all(external).await;
         processed.extend(transactional?);
+        processed.extend(together?);
         for outcome in external {
             processed.push(outcome?);
         }

@@ -82,6 +82,13 @@ pub(super) fn build(
             HandlerSection::Exec { command, timeout } => Runner::External(Arc::new(
                 handlers::exec::ExecHandler::new(command, timeout.0),
             )),
+            HandlerSection::Nats(_) | HandlerSection::Amqp(_) | HandlerSection::Redis(_) => {
+                let broker = handler
+                    .broker
+                    .as_ref()
+                    .ok_or_else(|| Error::MissingBrokerSettings { name: name.clone() })?;
+                Runner::External(handlers::broker::build(broker))
+            }
             HandlerSection::Library {} => Runner::InTransaction(
                 library
                     .0

@@ -1,6 +1,7 @@
 //! hookbox's integration tests: one binary, a real PostgreSQL.
 
 mod alerts;
+mod brokers;
 mod cli;
 mod console;
 mod faults;

@@ -304,3 +304,89 @@ pub async fn private_cluster(port: Option<u16>) -> (hookbox::pgcluster::Cluster,
     db::migrate(&url).await.expect("migrations apply");
     (cluster, url)
 }
+
+/// Whether a service this machine should run (a broker) answers at `address`.
+/// Absent, the test is skipped and says so loudly; under `CI=true` it fails.
+pub fn service_available(name: &str, address: &str) -> bool {
+    let reachable = address
+        .parse()
+        .ok()
+        .and_then(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()
+        })
+        .is_some();
+    if reachable {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{name} is not reachable at {address}, and CI=true requires it");
+    }
+    eprintln!("SKIPPED: {name} is not reachable at {address}; this test did not run");
+    false
+}
+
+/// A loopback TCP forwarder in front of a real service, which a test cuts
+/// (existing connections dropped, new ones refused) and restores, to play an
+/// outage without stopping the machine's shared service.
+pub struct Forwarder {
+    pub port: u16,
+    target: String,
+    up: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl Forwarder {
+    pub async fn start(target: &str) -> Self {
+        let mut forwarder = Self {
+            port: free_port(),
+            target: target.to_owned(),
+            up: None,
+        };
+        forwarder.restore().await;
+        forwarder
+    }
+
+    /// Drops every forwarded connection and stops listening.
+    pub fn cut(&mut self) {
+        if let Some(up) = self.up.take() {
+            up.cancel();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restore(&mut self) {
+        self.cut();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("the forwarder's port is free again");
+        let up = tokio_util::sync::CancellationToken::new();
+        let (target, token) = (self.target.clone(), up.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                };
+                let (target, token) = (target.clone(), token.clone());
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        self.up = Some(up);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
