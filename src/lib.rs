@@ -11,6 +11,7 @@ pub mod duration;
 pub mod event_key;
 pub mod ops;
 pub mod pgcluster;
+pub mod probe;
 pub mod receiver;
 pub mod secret;
 pub mod signature;

@@ -33,6 +33,11 @@ impl CommonArgs {
     pub fn load_config(&self) -> anyhow::Result<Config> {
         Ok(Config::load(&self.config)?)
     }
+
+    /// Loads the configuration resolving only the secrets `role` needs.
+    pub fn load_config_for(&self, role: crate::config::Role) -> anyhow::Result<Config> {
+        Ok(Config::load_for(&self.config, role)?)
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -72,6 +77,11 @@ pub enum Command {
     Import(operate::ImportArgs),
     /// Signed, realistic load against a deployment, with latency percentiles.
     Loadtest(loadtest::LoadtestArgs),
+    /// GET a URL and succeed on a 2xx answer (container health checks).
+    Probe {
+        /// For example http://127.0.0.1:8080/readyz
+        url: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -110,6 +120,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check,
         } => {
             let config = cli.common.load_config()?;
+            for warning in &config.warnings {
+                println!("warning: {warning}");
+            }
             println!(
                 "{}: ok ({} sources, {} routes, {} handlers)",
                 config.path.display(),
@@ -127,5 +140,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Prune(args) => operate::prune(&cli.common, args).await,
         Command::Import(args) => operate::import(&cli.common, args).await,
         Command::Loadtest(args) => loadtest::run(&cli.common, args).await,
+        Command::Probe { url } => {
+            crate::probe::check(&url).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -105,8 +105,8 @@ impl Worker {
                 HandlerSection::Http { url, timeout, permanent_statuses, .. } => Runner::External(Arc::new(
                     handlers::http::HttpHandler::new(url, timeout.0, permanent_statuses, handler.signing_key.clone())?,
                 )),
-                HandlerSection::Exec { command, timeout } => {
-                    Runner::External(Arc::new(handlers::exec::ExecHandler::new(command, timeout.0)))
+                HandlerSection::Exec { command, timeout, env } => {
+                    Runner::External(Arc::new(handlers::exec::ExecHandler::new(command, timeout.0).passing(env)))
                 }
                 HandlerSection::Library {} => Runner::InTransaction(library.0.remove(name).with_context(|| {
                     format!("[handler.{name}] is kind = \"library\" but this binary provides no handler of that name")
@@ -588,13 +588,15 @@ fn record_duration(handler: Option<&str>, started: std::time::Instant) {
     }
 }
 
+/// The error text is not logged: SQL errors and a program's stderr may quote
+/// the payload. It is kept in the attempt row, which the database guards.
 fn log_outcome(event: &Event, finish: &queue::Finish<'_>) {
     match finish.attempt_outcome {
         "dead" => {
-            tracing::warn!(event_id = %event.id, source = %event.source, error = finish.error.as_deref(), "event is dead")
+            tracing::warn!(event_id = %event.id, source = %event.source, handler = finish.handler, "event is dead; the attempt row holds the error")
         }
         "retry" => {
-            tracing::info!(event_id = %event.id, source = %event.source, error = finish.error.as_deref(), "attempt failed; will retry")
+            tracing::info!(event_id = %event.id, source = %event.source, handler = finish.handler, "attempt failed; will retry; the attempt row holds the error")
         }
         _ => {
             tracing::info!(event_id = %event.id, source = %event.source, outcome = finish.attempt_outcome, "attempt finished")
@@ -711,7 +713,7 @@ pub fn main() -> ExitCode {
     crate::telemetry::init_logging(cli.common.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = runtime.block_on(async {
-        let config = cli.common.load_config()?;
+        let config = cli.common.load_config_for(crate::config::Role::Worker)?;
         let pool = db::pool(&config.database_url()?, &pool_settings(&config))?;
         let worker = Worker::from_config(&config, pool, LibraryHandlers::default())?;
         if !config.worker.admin_listen.is_empty() {

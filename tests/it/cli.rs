@@ -59,7 +59,7 @@ fn config_check_accepts_a_good_file_with_config_after_the_subcommand() {
     let output = hookbox()
         .args(["config", "check", "--config"])
         .arg(&path)
-        .env("BEGINI_API_KEY", "k")
+        .env("BEGINI_API_KEY", BEGINI_KEY)
         .output()
         .unwrap();
     assert!(
@@ -131,7 +131,7 @@ fn every_command_has_help() {
 fn the_shipped_example_configuration_is_valid() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/hookbox.toml"))
         .unwrap();
-    assert_success(&config_check(&text, &[("BEGINI_API_KEY", "k")]));
+    assert_success(&config_check(&text, &[("BEGINI_API_KEY", BEGINI_KEY)]));
 }
 
 /// What a newcomer does: `hookbox dev`, then the printed `hookbox send` line,
@@ -187,15 +187,15 @@ fn the_configuration_reference_example_is_accepted_and_names_every_documented_ke
     let (doc, example) = first_toml_block("docs/configuration.md");
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("partner");
-    std::fs::write(&secret, "partner-secret\n").unwrap();
+    std::fs::write(&secret, "partner-secret-of-24-bytes\n").unwrap();
     let audit_secret = dir.path().join("audit-whsec");
     std::fs::write(&audit_secret, "whsec_YXVkaXQ=").unwrap();
     let example_here = example
         .replace("/run/secrets/partner", secret.to_str().unwrap())
         .replace("/run/secrets/audit-whsec", audit_secret.to_str().unwrap());
     let env = [
-        ("BEGINI_API_KEY", "current"),
-        ("BEGINI_API_KEY_PREVIOUS", "previous"),
+        ("BEGINI_API_KEY", "the-current-begini-api-key"),
+        ("BEGINI_API_KEY_PREVIOUS", "the-previous-begini-api-key"),
         ("DOWNSTREAM_WHSEC", "whsec_ZG93bnN0cmVhbQ=="),
     ];
     assert_success(&config_check(&example_here, &env));
@@ -282,7 +282,7 @@ async fn loadtest_sends_signed_events_with_duplicates_and_reports_what_it_saw() 
 #[test]
 fn the_readme_configuration_overview_is_accepted() {
     let (_, overview) = first_toml_block("README.md");
-    assert_success(&config_check(&overview, &[("BEGINI_API_KEY", "k")]));
+    assert_success(&config_check(&overview, &[("BEGINI_API_KEY", BEGINI_KEY)]));
 }
 
 /// A document of the repository and its first TOML code block.

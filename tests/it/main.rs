@@ -3,6 +3,7 @@
 mod cli;
 mod faults;
 mod group_commit;
+mod hardening;
 mod observability;
 mod operations;
 mod providers;
