@@ -101,7 +101,7 @@ async fn send_signs_like_the_sender_and_prints_the_answer() {
         "{stdout}"
     );
 
-    let bad = run("not-the-key").await.unwrap();
+    let bad = run("not-the-right-key-at-all").await.unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8(bad.stdout).unwrap().starts_with("403 "));
     assert_eq!(
@@ -156,7 +156,7 @@ fn dev_runs_a_whole_inbox_that_accepts_send_and_stops_cleanly_on_ctrl_c() {
     let mut send_line = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if line.trim_start().starts_with("cargo run -- --config") {
+        if line.trim_start().starts_with("cargo run -- --config") && line.contains(" send ") {
             send_line = Some(line.clone());
         }
         if line.starts_with("Press Ctrl-C") {
