@@ -121,7 +121,7 @@ fn a_secret_file_is_trimmed() {
 #[test]
 fn a_secret_shared_across_environments_is_refused() {
     let text = format!(
-        "{SANDBOX}\n[[source]]\nname = \"begini-live\"\nenvironment = \"live\"\nscheme = \"begini\"\nsecrets_env = [\"LIVE_KEY\"]\n"
+        "{SANDBOX}\n[[source]]\nname = \"begini-staging\"\nenvironment = \"staging\"\nscheme = \"begini\"\nsecrets_env = [\"LIVE_KEY\"]\n"
     );
     let same = "the-same-key-in-both-places";
     let err = parse(&text, &[("BEGINI_API_KEY", same), ("LIVE_KEY", same)]).unwrap_err();

@@ -10,7 +10,7 @@ pub fn stored_headers<'a>(
     let mut map = serde_json::Map::new();
     for (name, value) in headers {
         let name = name.to_ascii_lowercase();
-        if private.iter().any(|p| *p == name) || looks_like_credential(&name) {
+        if private.contains(&name) || looks_like_credential(&name) {
             continue;
         }
         let value = String::from_utf8_lossy(value).into_owned();

@@ -759,25 +759,35 @@ async fn a_worker_starts_without_the_sources_secrets_and_a_receiver_without_the_
         ("BEGINI_API_KEY", BEGINI_KEY),
     );
     for (mut child, started) in [(worker, "worker started"), (receiver, "receiver listening")] {
-        let stderr = child.stderr.take().unwrap();
-        // The line is printed once the configuration was accepted; a refused
-        // configuration ends the output instead.
-        let seen = tokio::task::spawn_blocking(move || {
-            let mut seen = Vec::new();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let done = line.contains(started);
-                seen.push(line);
-                if done {
-                    return (true, seen);
-                }
-            }
-            (false, seen)
-        })
-        .await
-        .unwrap();
-        interrupt(child);
+        let seen = saw_line_within(&mut child, started, Duration::from_secs(30));
+        let _ = child.kill();
+        let _ = child.wait();
         assert!(seen.0, "{started}: {:?}", seen.1);
     }
+}
+
+/// Whether the child's stderr shows a line containing `needle` within
+/// `limit` (a refused configuration ends the output instead), and the lines.
+fn saw_line_within(child: &mut Child, needle: &str, limit: Duration) -> (bool, Vec<String>) {
+    let stderr = child.stderr.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    while let Ok(line) = received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let found = line.contains(needle);
+        seen.push(line);
+        if found {
+            return (true, seen);
+        }
+    }
+    (false, seen)
 }
 
 #[tokio::test]
