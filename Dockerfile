@@ -1,5 +1,6 @@
-# Builds the three hookbox binaries; the runtime image is small and runs as a
-# non-root user.
+# Builds the three hookbox binaries; the runtime image is small, has no shell
+# tools beyond Debian's base (health checks use `hookbox probe`) and
+# runs as a non-root user. .dockerignore keeps .env and target/ out.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
@@ -10,7 +11,7 @@ RUN cargo build --release --locked --bins \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl \
+ && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin hookbox
 COPY --from=build /out/ /usr/local/bin/

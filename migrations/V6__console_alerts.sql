@@ -33,4 +33,4 @@ CREATE INDEX hookbox_alert_notifications_at_idx ON hookbox_alert_notifications (
 -- hot path, and searches are bounded by the page size and a statement timeout.
 -- `source` rides along so the overview counts the open statuses per source
 -- from the index alone.
-CREATE INDEX inbox_events_status_id_idx ON inbox_events (status, id) INCLUDE (source);
+-- inbox_events_status_id_idx (status, id) INCLUDE (source) comes with V5.

@@ -40,7 +40,17 @@ pub enum ExtractError {
     MissingOrderingKey(String),
     #[error("order_by field {0} is missing or not a time (integer seconds or RFC 3339)")]
     BadOrderBy(String),
+    #[error("the event key is longer than {MAX_EVENT_KEY_BYTES} bytes")]
+    KeyTooLong,
+    #[error("the {0} contains a NUL character")]
+    NulCharacter(&'static str),
 }
+
+/// The longest event key stored. PostgreSQL cannot index much more than 2.7 KB
+/// in one row of the unique key; real senders' ids are far shorter, so a longer
+/// key is refused with `400` rather than hashed into something the sender
+/// would not recognise.
+pub const MAX_EVENT_KEY_BYTES: usize = 1024;
 
 impl ExtractError {
     /// The `reason` recorded in `inbox_deliveries`.
@@ -48,9 +58,10 @@ impl ExtractError {
         match self {
             Self::NotJson => "invalid_json",
             Self::MissingJsonField(_) | Self::MissingHeader(_) => "missing_event_key",
-            Self::BadHeader(_) => "invalid_event_key",
             Self::MissingOrderingKey(_) => "missing_ordering_key",
             Self::BadOrderBy(_) => "invalid_order_by",
+            Self::BadHeader(_) | Self::NulCharacter(_) => "invalid_event_key",
+            Self::KeyTooLong => "event_key_too_long",
         }
     }
 }
@@ -162,7 +173,17 @@ impl<'a> EventFields<'a> {
             return Err(ExtractError::NotJson);
         }
         let event_key = key.extract(payload_sha256, json.as_ref(), headers)?;
+        if event_key.len() > MAX_EVENT_KEY_BYTES {
+            return Err(ExtractError::KeyTooLong);
+        }
+        // PostgreSQL text cannot hold NUL: refused here, the sender learns why.
+        if event_key.contains('\0') {
+            return Err(ExtractError::NulCharacter("event key"));
+        }
         let event_type = kind.and_then(|spec| spec.extract(json.as_ref(), headers));
+        if event_type.as_deref().is_some_and(|t| t.contains('\0')) {
+            return Err(ExtractError::NulCharacter("event type"));
+        }
         let ordering = ordering
             .map(|spec| spec.extract(json.as_ref(), headers))
             .transpose()?;
@@ -368,6 +389,36 @@ mod tests {
         let headers = [("Webhook-Id", "msg_1")];
         assert_eq!(spec.extract("", None, headers.as_slice()).unwrap(), "msg_1");
         assert!(spec.extract("", None, NO_HEADERS).is_err());
+    }
+
+    fn extract(body: &[u8]) -> Result<EventFields<'_>, ExtractError> {
+        EventFields::extract(
+            &EventKeySpec::Json(vec!["/uid".into()]),
+            Some(&FieldSpec::Json("/type".into())),
+            None,
+            body,
+            "",
+            NO_HEADERS,
+        )
+    }
+
+    #[test]
+    fn an_over_long_key_and_a_nul_in_key_or_type_are_refused() {
+        let long = format!(r#"{{"uid":"{}"}}"#, "x".repeat(MAX_EVENT_KEY_BYTES + 1));
+        assert_eq!(
+            extract(long.as_bytes()).unwrap_err(),
+            ExtractError::KeyTooLong
+        );
+        let longest = format!(r#"{{"uid":"{}"}}"#, "x".repeat(MAX_EVENT_KEY_BYTES));
+        assert!(extract(longest.as_bytes()).is_ok());
+        assert_eq!(
+            extract(br#"{"uid":"a\u0000"}"#).unwrap_err().reason(),
+            "invalid_event_key"
+        );
+        assert_eq!(
+            extract(br#"{"uid":"a","type":"t\u0000"}"#).unwrap_err(),
+            ExtractError::NulCharacter("event type")
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod headers;
 pub mod ops;
 #[cfg(feature = "cli")]
 pub mod pgcluster;
+pub mod probe;
 pub mod receiver;
 #[cfg(feature = "cli")]
 pub mod reconcile;

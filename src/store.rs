@@ -82,6 +82,19 @@ impl StoreError {
     pub fn is_refusal_of_data(&self) -> bool {
         matches!(self, Self::Database(error) if crate::db::refuses_the_data(error))
     }
+
+    /// See [`crate::db::lost_a_race`]: the same rows, tried again, go in.
+    pub fn lost_a_race(&self) -> bool {
+        matches!(self, Self::Database(error) if crate::db::lost_a_race(error))
+    }
+
+    /// The SQLSTATE, for logs: unlike the message, it never quotes the data.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            Self::Database(sqlx::Error::Database(db)) => db.code().map(String::from),
+            _ => None,
+        }
+    }
 }
 
 /// Limits the rest of the current transaction's statements to `limit`.
@@ -99,9 +112,11 @@ pub async fn set_local_statement_timeout(
     Ok(())
 }
 
-/// Stores each event whose key is new and records every delivery, all in one
-/// statement (so one transaction, one round trip). Outcomes come back in the
-/// order of `deliveries`; a key repeated within the batch is stored once and
+/// Stores each event whose key is new and records every delivery, in one
+/// statement (one round trip; rarely a second, see below). Run it inside a
+/// transaction so that the batch commits whole or not at all. Keys are
+/// inserted in key order, so batches sharing keys cannot deadlock each other.
+/// Outcomes come back in the order of `deliveries`; a key repeated within the batch is stored once and
 /// its later deliveries are duplicates or conflicts of the first. The caller
 /// answers only after this returns (and, inside a transaction, commits).
 pub async fn ingest_batch(
@@ -189,7 +204,7 @@ async fn ingest_statement(
                    CASE WHEN ordering_key IS NOT NULL THEN coalesce(ordered_at, now()) END,
                    CASE WHEN ordering_key IS NOT NULL THEN nextval('inbox_ordering_seq') END,
                    dead_blocks, skip_if_stale
-            FROM first ORDER BY position
+            FROM first ORDER BY source, event_key
             ON CONFLICT (source, event_key) DO NOTHING
             RETURNING id, source, event_key, payload_sha256
         ), stored AS (
@@ -248,33 +263,12 @@ async fn ingest_statement(
         .collect())
 }
 
-/// A delivery that was refused: audited with its precise reason, nothing stored.
-pub struct RejectionRow<'a> {
-    pub source: &'a str,
-    pub remote_addr: Option<IpAddr>,
-    pub outcome: DeliveryOutcome,
-    pub reason: &'a str,
-    pub payload_sha256: Option<&'a str>,
-    pub status_code: u16,
-}
-
-pub async fn record_rejection(
-    pool: &PgPool,
-    rejection: &RejectionRow<'_>,
-) -> Result<(), StoreError> {
-    sqlx::query!(
-        r#"
-        INSERT INTO inbox_deliveries (source, remote_addr, outcome, reason, payload_sha256, status_code)
-        VALUES ($1, $2::text::inet, $3, $4, $5, $6)
-        "#,
-        rejection.source,
-        rejection.remote_addr.map(|ip| ip.to_string()),
-        rejection.outcome as DeliveryOutcome,
-        rejection.reason,
-        rejection.payload_sha256,
-        i32::from(rejection.status_code),
+/// Whether the event with this id is stored (its insert committed).
+pub async fn event_exists(pool: &PgPool, id: Uuid) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM inbox_events WHERE id = $1) AS "exists!""#,
+        id
     )
-    .execute(pool)
-    .await?;
-    Ok(())
+    .fetch_one(pool)
+    .await?)
 }

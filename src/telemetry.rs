@@ -1,6 +1,10 @@
 //! Logs and metrics.
 
-use std::{io::IsTerminal, net::TcpListener, sync::OnceLock};
+use std::{
+    io::IsTerminal,
+    net::{IpAddr, SocketAddr, TcpListener},
+    sync::OnceLock,
+};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use anyhow::Context;
@@ -55,10 +59,32 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
     })
 }
 
-/// Serves `GET /metrics` on its own listener; returns the bound port.
+/// The addresses an `admin_listen` value names: one (`127.0.0.1:9091`) or a
+/// range of ports (`127.0.0.1:9091-9099`), tried in order. `None` if invalid.
+pub fn listen_candidates(address: &str) -> Option<Vec<SocketAddr>> {
+    if let Ok(single) = address.parse::<SocketAddr>() {
+        return Some(vec![single]);
+    }
+    let (host, ports) = address.rsplit_once(':')?;
+    let (first, last) = ports.split_once('-')?;
+    let (first, last): (u16, u16) = (first.parse().ok()?, last.parse().ok()?);
+    let ip: IpAddr = host.trim_matches(['[', ']']).parse().ok()?;
+    (first > 0 && first <= last).then(|| {
+        (first..=last)
+            .map(|port| SocketAddr::new(ip, port))
+            .collect()
+    })
+}
+
+/// Serves `GET /metrics` on its own listener, on the first address of
+/// `address` that is free (see [`listen_candidates`]); returns the bound port.
 pub fn serve_metrics(address: &str) -> anyhow::Result<u16> {
-    let listener = TcpListener::bind(address)
-        .with_context(|| format!("cannot listen on {address} (admin_listen)"))?;
+    let candidates = listen_candidates(address)
+        .with_context(|| format!("{address} is not an address or a range (admin_listen)"))?;
+    let listener = candidates
+        .iter()
+        .find_map(|candidate| TcpListener::bind(candidate).ok())
+        .with_context(|| format!("cannot listen on {address}: in use (admin_listen)"))?;
     let port = listener.local_addr()?.port();
     let handle = metrics_handle();
     let server = HttpServer::new(move || {
@@ -87,4 +113,20 @@ pub fn record_pool(process: &'static str, pool: &sqlx::PgPool) {
         .set(idle);
     metrics::gauge!("hookbox_db_pool_connections", "process" => process, "state" => "in_use")
         .set(size - idle);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_admin_address_is_one_address_or_a_range_of_ports() {
+        assert_eq!(listen_candidates("127.0.0.1:9091").unwrap().len(), 1);
+        let range = listen_candidates("127.0.0.1:9091-9099").unwrap();
+        assert_eq!(range.len(), 9);
+        assert_eq!(range[8].port(), 9099);
+        assert_eq!(listen_candidates("[::1]:9091-9092").unwrap().len(), 2);
+        assert!(listen_candidates("127.0.0.1:9099-9091").is_none());
+        assert!(listen_candidates("localhost:9091").is_none());
+    }
 }

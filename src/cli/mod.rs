@@ -39,6 +39,11 @@ impl CommonArgs {
     pub fn load_config(&self) -> anyhow::Result<Config> {
         Ok(Config::load(&self.config)?)
     }
+
+    /// Loads the configuration resolving only the secrets `role` needs.
+    pub fn load_config_for(&self, role: crate::config::ProcessRole) -> anyhow::Result<Config> {
+        Ok(Config::load_for(&self.config, role)?)
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -88,6 +93,11 @@ pub enum Command {
     Reconcile(reconcile::ReconcileArgs),
     /// Serve the web console (configured in [console]).
     Console,
+    /// GET a URL and succeed on a 2xx answer (container health checks).
+    Probe {
+        /// For example http://127.0.0.1:8080/readyz
+        url: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -118,6 +128,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check,
         } => {
             let config = cli.common.load_config()?;
+            for warning in &config.warnings {
+                println!("warning: {warning}");
+            }
             println!(
                 "{}: ok ({} sources, {} routes, {} handlers)",
                 config.path.display(),
@@ -140,5 +153,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Loadtest(args) => loadtest::run(&cli.common, args).await,
         Command::Reconcile(args) => reconcile::run(&cli.common, args).await,
         Command::Console => console::run(&cli.common).await,
+        Command::Probe { url } => {
+            crate::probe::check(&url).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -9,7 +9,11 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::CommonArgs;
-use crate::{config::Config, db::PoolSettings, telemetry::LogFormat};
+use crate::{
+    config::{Config, ProcessRole},
+    db::PoolSettings,
+    telemetry::LogFormat,
+};
 
 /// Parses a long-running process's arguments (only the common ones), loads
 /// its configuration and pool, and runs `work` until SIGTERM or Ctrl-C
@@ -17,6 +21,7 @@ use crate::{config::Config, db::PoolSettings, telemetry::LogFormat};
 pub fn serve<Work, Done>(
     binary: &'static str,
     about: &'static str,
+    role: ProcessRole,
     pool_settings: fn(&Config) -> PoolSettings,
     work: Work,
 ) -> ExitCode
@@ -33,7 +38,8 @@ where
             Err(error) => error.exit(),
         };
     run(binary, common.log_format, async move {
-        let config = common.load_config()?;
+        // Each process resolves only the secrets of its own job.
+        let config = common.load_config_for(role)?;
         let pool = crate::db::pool(&config.database_url()?, &pool_settings(&config))?;
         let shutdown = CancellationToken::new();
         tokio::spawn(crate::shutdown_on_signal(shutdown.clone()));

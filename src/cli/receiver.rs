@@ -8,6 +8,7 @@ pub fn main() -> ExitCode {
     super::process::serve(
         "hookbox-receiver",
         "Receive, verify and store webhooks",
+        crate::config::ProcessRole::Receiver,
         PoolSettings::receiver,
         |config, pool, shutdown| async move { receiver::run(&config, pool, shutdown).await },
     )

@@ -12,6 +12,7 @@ pub fn main() -> ExitCode {
     super::process::serve(
         "hookbox-worker",
         "Process stored webhook events",
+        crate::config::ProcessRole::Worker,
         PoolSettings::worker,
         |config, pool, shutdown| async move {
             let worker = Worker::from_config(&config, pool.clone(), LibraryHandlers::default())?;

@@ -49,6 +49,48 @@ pub struct Config {
     pub console: Option<ConsoleConfig>,
     pub alerts: Vec<AlertConfig>,
     pub alert_evaluation_interval: Duration,
+    /// Problems that do not stop a process but should be fixed (a secret file
+    /// others can read); logged at start and printed by `config check`.
+    pub warnings: Vec<String>,
+}
+
+/// Which process loads the configuration: each resolves only the secrets of
+/// its own job, so a worker starts without the sources' secrets and a receiver
+/// without the handlers'. Their keys are then empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessRole {
+    /// Operator commands and `config check`: everything.
+    All,
+    /// Needs the sources' secrets.
+    Receiver,
+    /// Needs the handlers' secrets.
+    Worker,
+}
+
+impl ProcessRole {
+    fn needs_source_secrets(self) -> bool {
+        self != Self::Worker
+    }
+
+    fn needs_handler_secrets(self) -> bool {
+        self != Self::Receiver
+    }
+}
+
+/// Shortest key accepted, in bytes (after decoding): shorter ones can be guessed.
+pub const MIN_SECRET_BYTES: usize = 16;
+/// Longest `tolerance` accepted: a longer window lets captured deliveries be
+/// replayed for longer.
+pub const MAX_TOLERANCE: Duration = Duration::from_secs(3600);
+
+/// Environment names the production rules apply to (compared ignoring case).
+pub const PRODUCTION_NAMES: [&str; 3] = ["production", "prod", "live"];
+
+/// Whether a source's `environment` names production.
+pub fn is_production(environment: &str) -> bool {
+    PRODUCTION_NAMES
+        .iter()
+        .any(|name| environment.eq_ignore_ascii_case(name))
 }
 
 /// A webhook sender, ready for the receiver.
@@ -128,15 +170,29 @@ impl Config {
     /// `--config PATH`, else `$HOOKBOX_CONFIG`, else `./hookbox.toml` (the CLI
     /// resolves that order); reads secrets from the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_for(path, ProcessRole::All)
+    }
+
+    /// Like [`Config::load`], resolving only the secrets `role` needs.
+    pub fn load_for(path: &Path, role: ProcessRole) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
             key: "(file)".into(),
             message: format!("cannot be read: {e}"),
         })?;
-        Self::parse(&text, path, &ProcessEnvironment)
+        Self::parse_for(&text, path, &ProcessEnvironment, role)
     }
 
     pub fn parse(text: &str, path: &Path, env: &dyn Environment) -> Result<Self, ConfigError> {
+        Self::parse_for(text, path, env, ProcessRole::All)
+    }
+
+    pub fn parse_for(
+        text: &str,
+        path: &Path,
+        env: &dyn Environment,
+        role: ProcessRole,
+    ) -> Result<Self, ConfigError> {
         let error = |key: &str, message: String| ConfigError {
             file: path.to_owned(),
             key: key.to_owned(),
@@ -148,7 +204,13 @@ impl Config {
             let message = e.into_inner().message().trim().to_owned();
             error(if key == "." { "(file)" } else { &key }, message)
         })?;
-        Checker { path, env }.check(file)
+        Checker {
+            path,
+            env,
+            role,
+            warnings: std::cell::RefCell::new(Vec::new()),
+        }
+        .check(file)
     }
 
     pub fn source(&self, name: &str) -> Option<&Source> {
@@ -169,20 +231,37 @@ impl Config {
         self.database_url_from(&ProcessEnvironment)
     }
 
+    /// The variable wins; without it, `[database] url_file` is read.
     pub fn database_url_from(&self, env: &dyn Environment) -> Result<String, ConfigError> {
-        env.var(&self.database.url_env)
+        if let Some(url) = env
+            .var(&self.database.url_env)
             .filter(|url| !url.is_empty())
-            .ok_or_else(|| ConfigError {
+        {
+            return Ok(url);
+        }
+        match &self.database.url_file {
+            Some(file) => read_secret_file(file).map_err(|message| ConfigError {
+                file: self.path.clone(),
+                key: "database.url_file".into(),
+                message: format!(
+                    "{message} (and environment variable {} is not set)",
+                    self.database.url_env
+                ),
+            }),
+            None => Err(ConfigError {
                 file: self.path.clone(),
                 key: "database.url_env".into(),
                 message: format!("environment variable {} is not set", self.database.url_env),
-            })
+            }),
+        }
     }
 }
 
 struct Checker<'a> {
     path: &'a Path,
     env: &'a dyn Environment,
+    role: ProcessRole,
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl Checker<'_> {
@@ -191,6 +270,28 @@ impl Checker<'_> {
             file: self.path.to_owned(),
             key: key.into(),
             message: message.into(),
+        }
+    }
+
+    fn warn(&self, key: impl Into<String>, message: impl Into<String>) {
+        let warning = self.error(key, message).to_string();
+        tracing::warn!(warning = %warning, "configuration");
+        self.warnings.borrow_mut().push(warning);
+    }
+
+    /// Secret and key files should be readable by their owner only.
+    fn warn_if_world_readable(&self, key: &str, path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(metadata) = std::fs::metadata(path) {
+            if metadata.permissions().mode() & 0o004 != 0 {
+                self.warn(
+                    key,
+                    format!(
+                        "{} can be read by every user of this machine; make it readable by hookbox only (chmod 600)",
+                        path.display()
+                    ),
+                );
+            }
         }
     }
 
@@ -208,8 +309,15 @@ impl Checker<'_> {
             .iter()
             .enumerate()
             .map(|(i, text)| {
-                parse_cidr(text)
-                    .map_err(|m| self.error(format!("receiver.trusted_proxies[{i}]"), m))
+                let key = format!("receiver.trusted_proxies[{i}]");
+                let net = parse_cidr(text).map_err(|m| self.error(&key, m))?;
+                if net.prefix_len() == 0 {
+                    return Err(self.error(
+                        key,
+                        format!("`{text}` would trust every address to name the client; list your proxies' addresses"),
+                    ));
+                }
+                Ok(net)
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.check_worker(&file.worker)?;
@@ -270,6 +378,7 @@ impl Checker<'_> {
             sources,
             routes: file.route,
             handlers,
+            warnings: self.warnings.take(),
         })
     }
 
@@ -308,15 +417,24 @@ impl Checker<'_> {
                     ));
                 }
             }
+            self.warn_if_world_readable("receiver.tls.key_file", &tls.key_file);
+        }
+        let refusals = receiver.refusal_rate_limit;
+        if refusals.per_second == 0 || refusals.burst == 0 {
+            return Err(self.error(
+                "receiver.refusal_rate_limit",
+                "per_second and burst must be at least 1",
+            ));
         }
         Ok(())
     }
 
     fn check_admin_listen(&self, key: &str, address: &str) -> Result<(), ConfigError> {
-        if !address.is_empty() && address.parse::<std::net::SocketAddr>().is_err() {
+        if !address.is_empty() && crate::telemetry::listen_candidates(address).is_none() {
             return Err(self.error(
                 key,
-                "must be an address like 127.0.0.1:9090, or \"\" for none",
+                "must be an address like 127.0.0.1:9091, a range like 127.0.0.1:9091-9099 \
+                 (the first free port), or \"\" for none",
             ));
         }
         Ok(())
@@ -410,7 +528,40 @@ impl Checker<'_> {
             }
         }
         let scheme = self.check_scheme(i, &section)?;
-        let keys = self.resolve_secrets(i, &scheme, &section.secrets_env, &section.secrets_file)?;
+        if let EventKeySpec::Header(header) = &section.event_key {
+            if !scheme_signs_header(&scheme, header) {
+                return Err(self.error(
+                    key("event_key"),
+                    format!(
+                        "the {} scheme does not sign the {header} header, so anyone holding one captured delivery \
+                         could replay it under a new key; use {{ json = [\"/id\"] }} or \"body_sha256\"{}",
+                        scheme.name(),
+                        if scheme == Scheme::StandardWebhooks {
+                            " (or the signed webhook-id header)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+        }
+        if section.tolerance.0 > MAX_TOLERANCE {
+            return Err(self.error(
+                key("tolerance"),
+                "must be at most 1h: a longer window lets a captured delivery be replayed for longer",
+            ));
+        }
+        let keys = if self.role.needs_source_secrets() {
+            self.resolve_secrets(i, &scheme, &section.secrets_env, &section.secrets_file)?
+        } else {
+            if section.secrets_env.is_empty() && section.secrets_file.is_empty() {
+                return Err(self.error(
+                    key("secrets_env"),
+                    "name at least one secret: secrets_env = [\"VAR\"] or secrets_file = [\"/path\"]",
+                ));
+            }
+            Vec::new()
+        };
         let allow_ips = section
             .allow_ips
             .iter()
@@ -553,22 +704,41 @@ impl Checker<'_> {
             let value = self.env.var(var).ok_or_else(|| {
                 self.error(&field, format!("environment variable {var} is not set"))
             })?;
-            keys.push(
-                scheme
-                    .key_from_secret(&value)
-                    .map_err(|m| self.error(&field, format!("{var}: {m}")))?,
-            );
+            let key = scheme
+                .key_from_secret(&value)
+                .map_err(|m| self.error(&field, format!("{var}: {m}")))?;
+            self.check_secret_length(&field, var, &key)?;
+            keys.push(key);
         }
         for (j, path) in from_files.iter().enumerate() {
             let field = format!("source[{i}].secrets_file[{j}]");
             let value = read_secret_file(path).map_err(|m| self.error(&field, m))?;
-            keys.push(
-                scheme
-                    .key_from_secret(&value)
-                    .map_err(|m| self.error(&field, format!("{}: {m}", path.display())))?,
-            );
+            let key = scheme
+                .key_from_secret(&value)
+                .map_err(|m| self.error(&field, format!("{}: {m}", path.display())))?;
+            self.check_secret_length(&field, &path.display().to_string(), &key)?;
+            self.warn_if_world_readable(&field, path);
+            keys.push(key);
         }
         Ok(keys)
+    }
+
+    fn check_secret_length(
+        &self,
+        field: &str,
+        origin: &str,
+        key: &Secret,
+    ) -> Result<(), ConfigError> {
+        if key.expose().len() < MIN_SECRET_BYTES {
+            return Err(self.error(
+                field,
+                format!(
+                    "{origin}: the secret is {} bytes; use at least {MIN_SECRET_BYTES} (the key your provider issued)",
+                    key.expose().len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Sandbox and production keys must differ, or data could cross over.
@@ -597,7 +767,7 @@ impl Checker<'_> {
         if receiver.tls.is_some() || receiver.tls_terminated_by_proxy {
             return Ok(());
         }
-        match sources.iter().find(|s| s.environment == "production") {
+        match sources.iter().find(|s| is_production(&s.environment)) {
             Some(source) => Err(self.error(
                 "receiver.tls",
                 format!(
@@ -651,16 +821,20 @@ impl Checker<'_> {
                             "give signing_secret_env or signing_secret_file, not both",
                         ));
                     }
+                    _ if !self.role.needs_handler_secrets() => None,
                     (Some(var), None) => Some(self.env.var(var).ok_or_else(|| {
                         self.error(
                             key("signing_secret_env"),
                             format!("environment variable {var} is not set"),
                         )
                     })?),
-                    (None, Some(path)) => Some(
-                        read_secret_file(path)
-                            .map_err(|m| self.error(key("signing_secret_file"), m))?,
-                    ),
+                    (None, Some(path)) => {
+                        self.warn_if_world_readable(&key("signing_secret_file"), path);
+                        Some(
+                            read_secret_file(path)
+                                .map_err(|m| self.error(key("signing_secret_file"), m))?,
+                        )
+                    }
                     (None, None) => None,
                 };
                 if let Some(secret) = secret {
@@ -733,6 +907,15 @@ impl Checker<'_> {
             }),
         })
     }
+}
+
+/// Whether the scheme's signature covers the header, so that its value can
+/// serve as the event key: only Standard Webhooks signs its message id.
+fn scheme_signs_header(scheme: &Scheme, header: &str) -> bool {
+    *scheme == Scheme::StandardWebhooks
+        && ["webhook-id", "svix-id"]
+            .iter()
+            .any(|signed| header.eq_ignore_ascii_case(signed))
 }
 
 fn default_event_type(scheme: SchemeName) -> Option<FieldSpec> {

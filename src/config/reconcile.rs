@@ -348,7 +348,7 @@ api_key_env = "STRIPE_API_KEY"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         let env: BTreeMap<String, String> = [
-            ("STRIPE_WEBHOOK_SECRET", "whsec_abc"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_reconcile-test-secret-0001"),
             ("STRIPE_API_KEY", "sk_test_123"),
         ]
         .into_iter()

@@ -42,6 +42,9 @@ pub struct DatabaseSection {
     pub max_connections: u32,
     /// How long to wait for a connection before answering 503.
     pub acquire_timeout: HumanDuration,
+    /// A file holding the database URL, read when the `url_env` variable is
+    /// not set (`hookbox dev` writes one for its private cluster).
+    pub url_file: Option<PathBuf>,
 }
 
 impl Default for DatabaseSection {
@@ -50,6 +53,7 @@ impl Default for DatabaseSection {
             url_env: "DATABASE_URL".into(),
             max_connections: 16,
             acquire_timeout: HumanDuration::from_secs(3),
+            url_file: None,
         }
     }
 }
@@ -73,6 +77,12 @@ pub struct ReceiverSection {
     pub batch_committers: usize,
     /// Deliveries waiting for a batch; beyond this, `503`.
     pub queue_capacity: usize,
+    /// Per client address: refused requests allowed before the address is
+    /// answered 429 without its body being read.
+    pub refusal_rate_limit: RateLimitSection,
+    /// Per minute, source, outcome and reason: refusals that get a detailed
+    /// `inbox_deliveries` row; the rest are counted only.
+    pub refusals_detailed_per_minute: usize,
 }
 
 impl Default for ReceiverSection {
@@ -89,6 +99,11 @@ impl Default for ReceiverSection {
             batch_max_wait: HumanDuration::from_millis(0),
             batch_committers: 4,
             queue_capacity: 8192,
+            refusal_rate_limit: RateLimitSection {
+                per_second: 10,
+                burst: 100,
+            },
+            refusals_detailed_per_minute: 100,
         }
     }
 }
@@ -124,7 +139,8 @@ pub struct WorkerSection {
 impl Default for WorkerSection {
     fn default() -> Self {
         Self {
-            admin_listen: "127.0.0.1:9091".into(),
+            // A range: the first free port, so several workers share a host.
+            admin_listen: "127.0.0.1:9091-9099".into(),
             concurrency: 16,
             batch_size: 500,
             lease: HumanDuration::from_secs(300),
@@ -330,6 +346,10 @@ pub enum HandlerSection {
         command: Vec<String>,
         #[serde(default = "default_handler_timeout")]
         timeout: HumanDuration,
+        /// Variables passed on from the worker's environment, besides `PATH`
+        /// and the `HOOKBOX_*` event variables; nothing else is.
+        #[serde(default)]
+        env: Vec<String>,
     },
     /// Provided in code by a binary that embeds hookbox.
     Library {},

@@ -61,14 +61,26 @@ impl PoolSettings {
 }
 
 /// The database refused the data itself (SQLSTATE class 22, a data exception,
-/// or 23, an integrity constraint), rather than being unreachable, slow or
-/// interrupted: the same rows fail the same way every time.
+/// 23, an integrity constraint, or 54, a program limit such as an index row too
+/// large), rather than being unreachable, slow or interrupted: the same rows
+/// fail the same way every time.
 pub fn refuses_the_data(error: &sqlx::Error) -> bool {
+    sqlstate(error).is_some_and(|code| {
+        code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
+    })
+}
+
+/// The transaction lost a race with another one (deadlock `40P01`,
+/// serialization failure `40001`) and was rolled back: the same work, tried
+/// again, normally succeeds.
+pub fn lost_a_race(error: &sqlx::Error) -> bool {
+    sqlstate(error).is_some_and(|code| code == "40P01" || code == "40001")
+}
+
+fn sqlstate(error: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
     match error {
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
-        _ => false,
+        sqlx::Error::Database(db) => db.code(),
+        _ => None,
     }
 }
 

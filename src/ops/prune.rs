@@ -104,10 +104,11 @@ pub async fn prune(
         attempt_cutoff.map(Target::Attempts),
     ];
     for target in targets.into_iter().flatten() {
+        let mut cursor = Cursor::START;
         loop {
             let mut transaction = pool.begin().await?;
             let n = target
-                .prune_batch(&mut transaction, &statuses, request.batch_size)
+                .prune_batch(&mut transaction, &statuses, request.batch_size, &mut cursor)
                 .await?;
             add_affected(&mut transaction, action_id, n).await?;
             transaction.commit().await?;
@@ -119,6 +120,22 @@ pub async fn prune(
         }
     }
     Ok(report)
+}
+
+/// Where payload pruning resumes: after the last `(processed_at, id)` pruned.
+/// Each batch starts there instead of reading past every row already pruned.
+/// (A row locked by someone else when its batch ran is skipped, not waited
+/// for; the next prune takes it.)
+struct Cursor {
+    processed_at: DateTime<Utc>,
+    id: uuid::Uuid,
+}
+
+impl Cursor {
+    const START: Self = Self {
+        processed_at: DateTime::<Utc>::UNIX_EPOCH,
+        id: uuid::Uuid::nil(),
+    };
 }
 
 /// What one prune pass removes, older than its cutoff.
@@ -144,26 +161,44 @@ impl Target {
         conn: &mut sqlx::PgConnection,
         statuses: &[EventStatus],
         batch: i64,
+        cursor: &mut Cursor,
     ) -> Result<i64, sqlx::Error> {
         let result = match self {
             Self::Payloads(before) => {
-                sqlx::query!(
+                // The literal conditions match inbox_events_prunable_idx, so
+                // the planner can use it; pruned rows leave that index. The
+                // update finds its rows by primary key (`= ANY`), never by
+                // joining against a scan of the whole table.
+                let pruned = sqlx::query!(
                     r#"
                     WITH batch AS (
                         SELECT id FROM inbox_events
-                        WHERE status = ANY($1) AND processed_at < $2 AND payload IS NOT NULL
+                        WHERE payload IS NOT NULL AND status IN ('succeeded', 'skipped', 'dead')
+                          AND status = ANY($1) AND processed_at < $2
+                          AND (processed_at, id) > ($4, $5)
+                        ORDER BY processed_at, id
                         LIMIT $3
                         FOR UPDATE SKIP LOCKED
                     )
                     UPDATE inbox_events e SET payload = NULL, payload_json = NULL, headers = NULL
-                    FROM batch WHERE e.id = batch.id
+                    WHERE e.id = ANY(ARRAY(SELECT id FROM batch))
+                    RETURNING e.processed_at AS "processed_at!", e.id
                     "#,
                     statuses as &[EventStatus],
                     before,
-                    batch
+                    batch,
+                    cursor.processed_at,
+                    cursor.id,
                 )
-                .execute(conn)
-                .await?
+                .fetch_all(conn)
+                .await?;
+                if let Some(last) = pruned.iter().max_by_key(|row| (row.processed_at, row.id)) {
+                    *cursor = Cursor {
+                        processed_at: last.processed_at,
+                        id: last.id,
+                    };
+                }
+                return Ok(pruned.len() as i64);
             }
             Self::Deliveries(before) => {
                 sqlx::query!(

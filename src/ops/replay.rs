@@ -148,6 +148,28 @@ pub async fn replay(
         )
         .await?
     };
+    let mut replayed = 0i64;
+    // One status at a time, each in id order from where its last batch ended
+    // (keyset paging on inbox_events_status_id_idx): no batch reads past the
+    // events that earlier batches replayed.
+    for status in &statuses {
+        replayed += replay_status(pool, request, status, action_id, &progress).await?;
+    }
+    tracing::info!(action_id, replayed, "replay recorded");
+    Ok(ReplayReport {
+        action_id: Some(action_id),
+        replayed,
+    })
+}
+
+async fn replay_status(
+    pool: &PgPool,
+    request: &ReplayRequest,
+    status: &EventStatus,
+    action_id: i64,
+    progress: &impl Fn(u64),
+) -> Result<i64, ReplayError> {
+    let filter = &request.filter;
     let mut after = Uuid::nil();
     let mut replayed = 0i64;
     loop {
@@ -156,7 +178,7 @@ pub async fn replay(
             r#"
             WITH batch AS (
                 SELECT id FROM inbox_events
-                WHERE id > $1 AND status = ANY($2)
+                WHERE status = $2 AND id > $1
                   AND ($3::text IS NULL OR source = $3)
                   AND ($4::text IS NULL OR event_type LIKE $4)
                   AND ($5::timestamptz IS NULL OR received_at >= $5)
@@ -178,7 +200,7 @@ pub async fn replay(
             SELECT event_id AS "id!" FROM linked ORDER BY event_id
             "#,
             after,
-            &statuses as &[EventStatus],
+            status.as_str(),
             filter.source,
             filter.type_pattern(),
             filter.since,
@@ -204,9 +226,5 @@ pub async fn replay(
             _ => break,
         }
     }
-    tracing::info!(action_id, replayed, "replay recorded");
-    Ok(ReplayReport {
-        action_id: Some(action_id),
-        replayed,
-    })
+    Ok(replayed)
 }

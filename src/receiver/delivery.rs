@@ -1,13 +1,14 @@
 //! `POST /webhooks/{source}`: the contract's checks in the contract's order,
 //! then one write, then the answer.
 
-use std::{net::IpAddr, time::Duration};
+use std::net::IpAddr;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
-use governor::clock::{Clock, DefaultClock};
 
-use super::{error::DeliveryError, network, ReceiverState, SourceRuntime};
+use super::{
+    error::DeliveryError, headers, network, refusals::Refused, ReceiverState, SourceRuntime,
+};
 use crate::{
     event_key::{sha256_hex, EventFields},
     signature::Rejection,
@@ -57,29 +58,28 @@ pub async fn receive(
             let (outcome, reason) = refusal.error.outcome_and_reason();
             metrics::counter!("hookbox_deliveries_total", "source" => source.source.name.clone(), "outcome" => outcome).increment(1);
             metrics::counter!("hookbox_rejections_total", "source" => source.source.name.clone(), "reason" => reason).increment(1);
-            if let Some((outcome, reason)) = refusal.error.audit() {
-                let row = store::RejectionRow {
+            if let DeliveryError::Unavailable(error) = &refusal.error {
+                tracing::error!(source = %source.source.name, error = format!("{error:#}"), "delivery not stored: database unavailable");
+            } else {
+                if refusal.error.spends_refusal_allowance() {
+                    source.limits.refused(client);
+                }
+                tracing::debug!(source = %source.source.name, outcome, reason, "delivery refused");
+                let refused = Refused {
                     source: &source.source.name,
                     remote_addr: client,
                     outcome,
                     reason,
                     payload_sha256: refusal.payload_sha256.as_deref(),
                     status_code: actix_web::ResponseError::status_code(&refusal.error).as_u16(),
+                    may_detail: refusal.error.audit().is_some(),
                 };
-                tracing::info!(source = %source.source.name, outcome = outcome.as_str(), reason, "delivery refused");
-                // The refusal stands even if its audit row cannot be written:
-                // a 503 would only invite the sender to retry a bad request.
-                if let Err(error) = with_deadline(
-                    state.request_timeout,
-                    store::record_rejection(&state.pool, &row),
-                )
-                .await
-                {
-                    tracing::warn!(source = %source.source.name, error = format!("{error:#}"), "audit row for a refused delivery not written");
+                // A detailed refusal is answered once its row is written, as
+                // before; if that takes too long the refusal stands anyway: a
+                // 503 would only invite the sender to retry a bad request.
+                if let Some(written) = state.refusals.record(&refused) {
+                    let _ = tokio::time::timeout(state.request_timeout, written).await;
                 }
-            }
-            if let DeliveryError::Unavailable(error) = &refusal.error {
-                tracing::error!(source = %source.source.name, error = format!("{error:#}"), "delivery not stored: database unavailable");
             }
             Err(refusal.error)
         }
@@ -94,19 +94,15 @@ async fn accept(
     client: Option<IpAddr>,
 ) -> Result<HttpResponse, Refusal> {
     let source = &runtime.source;
+    // First of all, before the body is read: an address that keeps sending
+    // what is refused is throttled.
+    if let Err(retry_after_secs) = runtime.limits.check_throttled(client) {
+        metrics::counter!("hookbox_rate_limited_total", "source" => source.name.clone())
+            .increment(1);
+        return Err(DeliveryError::RefusalsOverLimit { retry_after_secs }.into());
+    }
     if !network::is_allowed(client, &source.allow_ips) {
         return Err(DeliveryError::AddressNotAllowed.into());
-    }
-    if let Some(limiter) = &runtime.limiter {
-        if let Err(not_until) = limiter.check() {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            metrics::counter!("hookbox_rate_limited_total", "source" => source.name.clone())
-                .increment(1);
-            return Err(DeliveryError::RateLimited {
-                retry_after_secs: wait.as_secs() + 1,
-            }
-            .into());
-        }
     }
     let deadline = tokio::time::Instant::now() + state.request_timeout;
     let body = read_body(request, body, state.max_body_bytes, deadline).await?;
@@ -139,6 +135,13 @@ async fn accept(
         }
         return Err(refuse(DeliveryError::Signature(rejection)));
     }
+    // Only deliveries that verify spend the source's allowance: forged
+    // traffic cannot use up the real sender's.
+    if let Err(retry_after_secs) = runtime.limits.check_verified(client) {
+        metrics::counter!("hookbox_rate_limited_total", "source" => source.name.clone())
+            .increment(1);
+        return Err(refuse(DeliveryError::RateLimited { retry_after_secs }));
+    }
 
     let fields = EventFields::extract(
         &source.event_key,
@@ -158,7 +161,13 @@ async fn accept(
         ordering: fields.ordering,
         payload_json: fields.json_text.map(str::to_owned),
         payload: body.to_vec(),
-        headers: stored_headers(request, &runtime.private_headers),
+        headers: headers::stored_headers(
+            request
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_bytes())),
+            &runtime.private_headers,
+        ),
         payload_sha256: payload_sha256.clone(),
         remote_addr: client,
     };
@@ -214,56 +223,6 @@ async fn read_body(
     tokio::time::timeout_at(deadline, read)
         .await
         .map_err(|_| DeliveryError::BodyTimeout)?
-}
-
-/// Request headers as stored with the event: credentials and signatures removed.
-fn stored_headers(request: &HttpRequest, private: &[String]) -> serde_json::Value {
-    let mut map = serde_json::Map::new();
-    for (name, value) in request.headers() {
-        let name = name.as_str();
-        if private.iter().any(|p| p == name) || looks_like_credential(name) {
-            continue;
-        }
-        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        match map.get_mut(name) {
-            Some(serde_json::Value::String(existing)) => {
-                existing.push_str(", ");
-                existing.push_str(&value);
-            }
-            _ => {
-                map.insert(name.to_owned(), serde_json::Value::String(value));
-            }
-        }
-    }
-    serde_json::Value::Object(map)
-}
-
-fn looks_like_credential(name: &str) -> bool {
-    const WORDS: [&str; 7] = [
-        "authorization",
-        "cookie",
-        "secret",
-        "token",
-        "signature",
-        "password",
-        "api-key",
-    ];
-    WORDS.iter().any(|word| name.contains(word))
-}
-
-async fn with_deadline<T, E>(
-    deadline: Duration,
-    work: impl std::future::Future<Output = Result<T, E>>,
-) -> anyhow::Result<T>
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    match tokio::time::timeout(deadline, work).await {
-        Ok(result) => result.map_err(anyhow::Error::from),
-        Err(_) => Err(anyhow::anyhow!(
-            "no answer from the database within {deadline:?}"
-        )),
-    }
 }
 
 /// Shared by the source's runtime: built once at start.

@@ -3,7 +3,7 @@
 
 use actix_web::{http::StatusCode, HttpResponse, ResponseError};
 
-use crate::{event_key::ExtractError, signature::Rejection, status::DeliveryOutcome};
+use crate::{event_key::ExtractError, signature::Rejection};
 
 /// Seconds a sender should wait after a 503.
 const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
@@ -16,6 +16,8 @@ pub enum DeliveryError {
     AddressNotAllowed,
     #[error("rate limit exceeded")]
     RateLimited { retry_after_secs: u64 },
+    #[error("too many refused requests from this address")]
+    RefusalsOverLimit { retry_after_secs: u64 },
     #[error("body over the size limit")]
     TooLarge,
     #[error("signature refused: {}", .0.reason())]
@@ -39,6 +41,7 @@ impl DeliveryError {
             Self::UnknownSource => ("unknown_source", "unknown_source"),
             Self::AddressNotAllowed => ("rejected_ip", "address_not_allowed"),
             Self::RateLimited { .. } => ("rate_limited", "rate_limited"),
+            Self::RefusalsOverLimit { .. } => ("rate_limited", "refusals_over_limit"),
             Self::TooLarge => ("too_large", "body_too_large"),
             Self::Signature(rejection) => ("rejected_signature", rejection.reason()),
             Self::WrongEnvironment => ("rejected_signature", "wrong_environment"),
@@ -49,25 +52,38 @@ impl DeliveryError {
         }
     }
 
-    /// The audit row a refused delivery leaves. Rate-limited, timed-out and
-    /// unknown-source requests leave none (they would let a flood write rows),
-    /// nor does an unavailable database (it cannot take one).
-    pub fn audit(&self) -> Option<(DeliveryOutcome, &'static str)> {
-        let outcome = match self {
-            Self::AddressNotAllowed => DeliveryOutcome::RejectedIp,
-            Self::TooLarge => DeliveryOutcome::TooLarge,
-            Self::Signature(_) | Self::WrongEnvironment => DeliveryOutcome::RejectedSignature,
-            Self::Payload(_) => DeliveryOutcome::RejectedPayload,
-            _ => return None,
-        };
-        Some((outcome, self.outcome_and_reason().1))
+    /// The detailed audit row a refused delivery may leave (the first few per
+    /// minute; every refusal is counted). Rate-limited, timed-out and
+    /// unknown-source requests leave none, nor does an unavailable database
+    /// (it cannot take one).
+    pub fn audit(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::AddressNotAllowed
+            | Self::TooLarge
+            | Self::Signature(_)
+            | Self::WrongEnvironment
+            | Self::Payload(_) => Some(self.outcome_and_reason()),
+            _ => None,
+        }
+    }
+
+    /// Whether the refusal spends the client address's refusal allowance:
+    /// everything the client caused (not a 404, a 429 or a 503).
+    pub fn spends_refusal_allowance(&self) -> bool {
+        !matches!(
+            self,
+            Self::UnknownSource
+                | Self::RateLimited { .. }
+                | Self::RefusalsOverLimit { .. }
+                | Self::Unavailable(_)
+        )
     }
 
     fn detail(&self) -> String {
         match self {
             Self::UnknownSource => "Not Found".into(),
             Self::AddressNotAllowed => "Forbidden".into(),
-            Self::RateLimited { .. } => "Too Many Requests".into(),
+            Self::RateLimited { .. } | Self::RefusalsOverLimit { .. } => "Too Many Requests".into(),
             Self::TooLarge => "Payload Too Large".into(),
             Self::Signature(_) | Self::WrongEnvironment => "Validation Failure".into(),
             // Names the field, never echoes the payload.
@@ -86,7 +102,9 @@ impl ResponseError for DeliveryError {
             Self::AddressNotAllowed | Self::Signature(_) | Self::WrongEnvironment => {
                 StatusCode::FORBIDDEN
             }
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::RefusalsOverLimit { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Payload(_) | Self::BodyUnreadable => StatusCode::BAD_REQUEST,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -97,7 +115,8 @@ impl ResponseError for DeliveryError {
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
         match self {
-            Self::RateLimited { retry_after_secs } => {
+            Self::RateLimited { retry_after_secs }
+            | Self::RefusalsOverLimit { retry_after_secs } => {
                 response.insert_header(("Retry-After", retry_after_secs.to_string()));
             }
             Self::Unavailable(_) => {

@@ -192,9 +192,10 @@ async fn commit(pool: &PgPool, batch: Vec<Waiting>, statement_timeout: Duration)
         Err(CommitError::BatchFailed(error))
             if error.is_refusal_of_data() && deliveries.len() > 1 =>
         {
+            // The SQLSTATE, not the message: a message may quote the data.
             tracing::warn!(
                 batch = deliveries.len(),
-                error = format!("{:#}", anyhow::Error::new(CommitError::BatchFailed(error))),
+                sqlstate = error.sqlstate().as_deref(),
                 "a batch was refused; storing its deliveries one by one"
             );
             for (delivery, reply) in deliveries.iter().zip(replies) {
@@ -223,7 +224,35 @@ struct Limits {
 /// Below this, a batch is not started: it could not finish in time.
 const SHORTEST_BUDGET: Duration = Duration::from_millis(5);
 
+/// How often a batch that lost a race (a deadlock, a serialization failure)
+/// is tried again before its requests are answered 503.
+const RACE_RETRIES: usize = 3;
+
+/// Stores the batch in one transaction, trying again when it lost a race with
+/// another transaction.
 async fn store_all(
+    pool: &PgPool,
+    deliveries: &[NewDelivery],
+    limits: Limits,
+) -> Result<Vec<(IngestOutcome, Uuid)>, CommitError> {
+    let mut tries = 0;
+    loop {
+        match store_once(pool, deliveries, limits).await {
+            Err(CommitError::BatchFailed(error)) if error.lost_a_race() && tries < RACE_RETRIES => {
+                tries += 1;
+                metrics::counter!("hookbox_ingest_batch_retries_total").increment(1);
+                tracing::info!(
+                    batch = deliveries.len(),
+                    sqlstate = error.sqlstate().as_deref(),
+                    "a batch lost a race with another transaction; trying it again"
+                );
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn store_once(
     pool: &PgPool,
     deliveries: &[NewDelivery],
     limits: Limits,
@@ -237,19 +266,57 @@ async fn store_all(
     if budget < SHORTEST_BUDGET {
         return Err(CommitError::DeadlinePassed);
     }
-    if budget >= limits.statement_timeout {
-        return store::ingest_batch(&mut connection, deliveries, Origin::Http)
-            .await
-            .map_err(failed);
+    // One transaction: the batch's statements commit together or not at all,
+    // so a 503 always means that none of its events was stored.
+    let mut transaction = connection.begin().await.map_err(|e| failed(e.into()))?;
+    let outcomes = async {
+        if budget < limits.statement_timeout {
+            // Rare (the queue was slow): the tighter limit applies to this
+            // batch's statements only.
+            store::set_local_statement_timeout(&mut transaction, budget).await?;
+        }
+        store::ingest_batch(&mut transaction, deliveries, Origin::Http).await
     }
-    // Rare (the queue was slow): one transaction, so the tighter limit
-    // applies to this batch's statements only.
-    let stored = async {
-        let mut transaction = connection.begin().await?;
-        store::set_local_statement_timeout(&mut transaction, budget).await?;
-        let outcomes = store::ingest_batch(&mut transaction, deliveries, Origin::Http).await?;
-        transaction.commit().await?;
-        Ok(outcomes)
-    };
-    stored.await.map_err(failed)
+    .await
+    .map_err(failed)?;
+    match transaction.commit().await {
+        Ok(()) => Ok(outcomes),
+        // The server answered the COMMIT: the transaction is rolled back.
+        Err(error @ sqlx::Error::Database(_)) => Err(failed(error.into())),
+        // The connection failed during COMMIT: it may have committed or not.
+        Err(error) => {
+            drop(connection);
+            match committed(pool, &outcomes, limits.deadline).await {
+                Some(true) => Ok(outcomes),
+                _ => Err(failed(error.into())),
+            }
+        }
+    }
+}
+
+/// Whether a batch whose COMMIT got no answer was committed, judged by the
+/// events it inserted (their ids were generated before the insert): all or
+/// none of them exist. `None` when that cannot be known (nothing was inserted,
+/// or the database cannot be asked in time); the caller then answers 503, and
+/// a sender that retries is answered `duplicate` if it was stored after all.
+async fn committed(
+    pool: &PgPool,
+    outcomes: &[(IngestOutcome, Uuid)],
+    deadline: Instant,
+) -> Option<bool> {
+    let inserted: Vec<Uuid> = outcomes
+        .iter()
+        .filter(|(outcome, _)| *outcome == IngestOutcome::Accepted)
+        .map(|(_, id)| *id)
+        .collect();
+    let first = *inserted.first()?;
+    let found = tokio::time::timeout_at(deadline, store::event_exists(pool, first))
+        .await
+        .ok()?
+        .ok()?;
+    tracing::warn!(
+        committed = found,
+        "the database did not answer a batch's COMMIT; its outcome was looked up"
+    );
+    Some(found)
 }

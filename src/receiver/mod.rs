@@ -3,15 +3,18 @@
 mod delivery;
 pub mod error;
 pub mod group_commit;
+pub mod headers;
+mod limits;
 pub mod network;
+mod readiness;
+mod refusals;
 mod request_span;
 mod tls;
 
-use std::{collections::HashMap, net::TcpListener, num::NonZeroU32, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::TcpListener, sync::Arc, time::Duration};
 
 use actix_web::{dev::Server, http::StatusCode, web, App, HttpResponse, HttpServer};
 use anyhow::Context;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
 use sqlx::PgPool;
 
@@ -30,6 +33,8 @@ pub struct ReceiverState {
     trusted_proxies: Vec<IpNet>,
     max_body_bytes: usize,
     request_timeout: Duration,
+    refusals: refusals::RefusalLog,
+    readiness: readiness::Readiness,
 }
 
 /// A source with what the receiver derives from it once, at start.
@@ -38,7 +43,7 @@ pub struct SourceRuntime {
     /// Keys of same-scheme sources in other environments, to diagnose a sender
     /// that signs with the wrong environment's key.
     foreign_keys: Vec<Secret>,
-    limiter: Option<DefaultDirectRateLimiter>,
+    limits: limits::AddressLimits,
     private_headers: Vec<String>,
 }
 
@@ -57,21 +62,35 @@ impl ReceiverState {
                     })
                     .flat_map(|other| other.keys.iter().cloned())
                     .collect();
-                let limiter = source.rate_limit.map(|limit| {
-                    let per_second = NonZeroU32::new(limit.per_second).unwrap_or(NonZeroU32::MIN);
-                    let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
-                    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
-                });
                 let runtime = SourceRuntime {
                     source: source.clone(),
                     foreign_keys,
-                    limiter,
+                    limits: limits::AddressLimits::new(
+                        source.rate_limit,
+                        config.receiver.refusal_rate_limit,
+                    ),
                     private_headers: delivery::private_headers(source),
                 };
                 (source.name.clone(), Arc::new(runtime))
             })
-            .collect();
-        // Refused deliveries and /readyz need a connection besides the committers.
+            .collect::<HashMap<String, Arc<SourceRuntime>>>();
+        let runtimes: Vec<Arc<SourceRuntime>> = sources.values().cloned().collect();
+        tokio::spawn(async move {
+            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every_minute.tick().await;
+                runtimes
+                    .iter()
+                    .for_each(|runtime| runtime.limits.forget_idle());
+            }
+        });
+        // Refused deliveries are written on a connection of their own, never
+        // one the committers need.
+        let refusal_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(config.receiver.request_timeout.0)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        // /readyz needs a connection besides the committers.
         let committers = config
             .receiver
             .batch_committers
@@ -87,6 +106,11 @@ impl ReceiverState {
         };
         Self {
             group_commit: group_commit::GroupCommit::start(pool.clone(), settings),
+            refusals: refusals::RefusalLog::start(
+                refusal_pool,
+                config.receiver.refusals_detailed_per_minute,
+            ),
+            readiness: readiness::Readiness::new(pool.clone()),
             pool,
             sources,
             trusted_proxies: config.trusted_proxies.clone(),
@@ -178,14 +202,10 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<ReceiverState>) -> HttpResponse {
-    let check = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(&state.pool),
-    )
-    .await;
-    match check {
-        Ok(Ok(_)) => HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })),
-        _ => detail_response(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable"),
+    if state.readiness.is_ready().await {
+        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
+    } else {
+        detail_response(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable")
     }
 }
 

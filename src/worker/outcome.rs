@@ -126,14 +126,16 @@ fn truncate(mut text: String, limit: usize) -> String {
     text
 }
 
-/// Logs a recorded outcome and counts it.
+/// Logs a recorded outcome and counts it. The error text is not logged: SQL
+/// errors and a program's stderr may quote the payload. It is kept in the
+/// attempt row, which the database guards.
 pub(super) fn log_outcome(event: &Event, finish: &queue::Finish<'_>) {
     match finish.attempt_outcome {
         AttemptOutcome::Dead => {
-            tracing::warn!(event_id = %event.id, source = %event.source, error = finish.error.as_deref(), "event is dead")
+            tracing::warn!(event_id = %event.id, source = %event.source, handler = finish.handler, "event is dead; the attempt row holds the error")
         }
         AttemptOutcome::Retry => {
-            tracing::info!(event_id = %event.id, source = %event.source, error = finish.error.as_deref(), "attempt failed; will retry")
+            tracing::info!(event_id = %event.id, source = %event.source, handler = finish.handler, "attempt failed; will retry; the attempt row holds the error")
         }
         outcome => {
             tracing::info!(event_id = %event.id, source = %event.source, outcome = outcome.as_str(), "attempt finished")

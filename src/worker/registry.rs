@@ -79,8 +79,12 @@ pub(super) fn build(
                     source,
                 })?,
             )),
-            HandlerSection::Exec { command, timeout } => Runner::External(Arc::new(
-                handlers::exec::ExecHandler::new(command, timeout.0),
+            HandlerSection::Exec {
+                command,
+                timeout,
+                env,
+            } => Runner::External(Arc::new(
+                handlers::exec::ExecHandler::new(command, timeout.0).passing(env),
             )),
             HandlerSection::Nats(_) | HandlerSection::Amqp(_) | HandlerSection::Redis(_) => {
                 let broker = handler

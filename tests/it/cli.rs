@@ -59,7 +59,7 @@ fn config_check_accepts_a_good_file_with_config_after_the_subcommand() {
     let output = hookbox()
         .args(["config", "check", "--config"])
         .arg(&path)
-        .env("BEGINI_API_KEY", "k")
+        .env("BEGINI_API_KEY", BEGINI_KEY)
         .output()
         .unwrap();
     assert!(
@@ -101,7 +101,7 @@ async fn send_signs_like_the_sender_and_prints_the_answer() {
         "{stdout}"
     );
 
-    let bad = run("not-the-key").await.unwrap();
+    let bad = run("not-the-right-key-at-all").await.unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8(bad.stdout).unwrap().starts_with("403 "));
     assert_eq!(
@@ -132,7 +132,7 @@ fn every_command_has_help() {
 fn the_shipped_example_configuration_is_valid() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/hookbox.toml"))
         .unwrap();
-    assert_success(&config_check(&text, &[("BEGINI_API_KEY", "k")]));
+    assert_success(&config_check(&text, &[("BEGINI_API_KEY", BEGINI_KEY)]));
 }
 
 /// What a newcomer does: `hookbox dev`, then the printed `hookbox send` line,
@@ -161,7 +161,7 @@ fn dev_runs_a_whole_inbox_that_accepts_send_and_stops_cleanly_on_ctrl_c() {
         if line.trim_start().starts_with("console:") {
             console_line = Some(line.clone());
         }
-        if line.trim_start().starts_with("cargo run -- --config") {
+        if line.trim_start().starts_with("cargo run -- --config") && line.contains(" send ") {
             send_line = Some(line.clone());
         }
         if line.starts_with("Press Ctrl-C") {
@@ -197,19 +197,19 @@ fn the_configuration_reference_example_is_accepted_and_names_every_documented_ke
     let (doc, example) = first_toml_block("docs/configuration.md");
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("partner");
-    std::fs::write(&secret, "partner-secret\n").unwrap();
+    std::fs::write(&secret, "partner-secret-of-24-bytes\n").unwrap();
     let audit_secret = dir.path().join("audit-whsec");
     std::fs::write(&audit_secret, "whsec_YXVkaXQ=").unwrap();
     let example_here = example
         .replace("/run/secrets/partner", secret.to_str().unwrap())
         .replace("/run/secrets/audit-whsec", audit_secret.to_str().unwrap());
     let env = [
-        ("BEGINI_API_KEY", "current"),
-        ("BEGINI_API_KEY_PREVIOUS", "previous"),
+        ("BEGINI_API_KEY", "the-current-begini-api-key"),
+        ("BEGINI_API_KEY_PREVIOUS", "the-previous-begini-api-key"),
         ("DOWNSTREAM_WHSEC", "whsec_ZG93bnN0cmVhbQ=="),
-        ("STRIPE_WEBHOOK_SECRET", "whsec_stripe"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_stripe-webhook-secret-0001"),
         ("STRIPE_API_KEY", "rk_test_reconcile"),
-        ("SHOP_WEBHOOK_SECRET", "whsec_c2hvcA=="),
+        ("SHOP_WEBHOOK_SECRET", "whsec_c2hvcC13ZWJob29rLXNlY3JldC0wMDAx"),
         ("SHOP_API_KEY", "shop-api-key"),
         ("HOOKBOX_OPS_TOKEN", "ops-token-for-the-example-0001"),
         ("HOOKBOX_AUDIT_TOKEN", "audit-token-for-the-example-02"),
@@ -299,7 +299,7 @@ async fn loadtest_sends_signed_events_with_duplicates_and_reports_what_it_saw() 
 #[test]
 fn the_readme_configuration_overview_is_accepted() {
     let (_, overview) = first_toml_block("README.md");
-    assert_success(&config_check(&overview, &[("BEGINI_API_KEY", "k")]));
+    assert_success(&config_check(&overview, &[("BEGINI_API_KEY", BEGINI_KEY)]));
 }
 
 /// A document of the repository and its first TOML code block.

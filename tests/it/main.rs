@@ -7,6 +7,7 @@ mod console;
 mod faults;
 mod flow;
 mod group_commit;
+mod hardening;
 mod observability;
 mod operations;
 mod providers;

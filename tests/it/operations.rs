@@ -315,7 +315,7 @@ async fn a_realistic_history_reads_the_same_in_the_cli_and_the_audit_queries() {
         ("min_attempts", "3".to_string()),
     ];
     let queries = audit_queries();
-    assert_eq!(queries.len(), 14, "fourteen numbered queries");
+    assert_eq!(queries.len(), 15, "fifteen numbered queries");
     let mut results = Vec::new();
     for (heading, sql) in &queries {
         results.push((heading.as_str(), audit_query(&app, sql, &vars).await));
@@ -401,6 +401,11 @@ async fn a_realistic_history_reads_the_same_in_the_cli_and_the_audit_queries() {
         ),
         (Some(2), Some(2))
     );
+    // 11. every refusal is counted, the detailed ones included
+    let total = |rows: &Vec<serde_json::Value>, field: &str| -> i64 {
+        rows.iter().map(|r| r[field].as_i64().unwrap_or(0)).sum()
+    };
+    assert!(total(rows(15), "refused") >= total(rows(4), "deliveries"));
     // The replay shows in a replayed event's timeline, between its two runs.
     let timeline = cli
         .json(&["events", "show", &dead_ids[0].to_string(), "--json"])

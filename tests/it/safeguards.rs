@@ -764,11 +764,14 @@ secrets_env = ["SANDBOX_KEY"]
 "#;
     let app = TestApp::spawn(
         config,
-        &[("LIVE_KEY", "live-key-1"), ("SANDBOX_KEY", "sandbox-key-1")],
+        &[
+            ("LIVE_KEY", "live-key-number-one-0001"),
+            ("SANDBOX_KEY", "sandbox-key-number-one-01"),
+        ],
     )
     .await;
     let body = begini_payload(&unique_uid(), "application.complete");
-    let with_sandbox_key = signed(&Scheme::Begini, "sandbox-key-1", &body, 0, "");
+    let with_sandbox_key = signed(&Scheme::Begini, "sandbox-key-number-one-01", &body, 0, "");
 
     let answer = app
         .post(
@@ -804,10 +807,13 @@ async fn during_rotation_both_keys_verify() {
     );
     let app = TestApp::spawn(
         &config,
-        &[("NEW_KEY", "new-key-2"), ("OLD_KEY", "old-key-1")],
+        &[
+            ("NEW_KEY", "new-key-number-two-00002"),
+            ("OLD_KEY", "old-key-number-one-00001"),
+        ],
     )
     .await;
-    for key in ["new-key-2", "old-key-1"] {
+    for key in ["new-key-number-two-00002", "old-key-number-one-00001"] {
         let body = begini_payload(&unique_uid(), "application.complete");
         let headers = signed(&Scheme::Begini, key, &body, 0, "");
         let answer = app
@@ -939,7 +945,7 @@ fn production_on_plain_http_is_refused_at_start() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_hookbox-receiver"))
         .arg("--config")
         .arg(&path)
-        .env("BEGINI_API_KEY", "k")
+        .env("BEGINI_API_KEY", BEGINI_KEY)
         .env("DATABASE_URL", "postgres://127.0.0.1:1/none")
         .output()
         .unwrap();
