@@ -33,6 +33,7 @@ use crate::{
         self,
         events::EventReference,
         filter::{parse_status, parse_time, EventFilter},
+        flow::{FlowError, PauseTarget},
         replay::{ReplayError, ReplayRequest},
     },
 };
@@ -70,6 +71,8 @@ pub fn pool(url: &str) -> anyhow::Result<PgPool> {
 pub struct State {
     pub pool: PgPool,
     pub sources: Vec<String>,
+    /// The configured handlers, which an operator may pause.
+    pub handlers: Vec<String>,
 }
 
 /// A bound, not yet running console.
@@ -88,6 +91,7 @@ impl Console {
         let state = web::Data::new(State {
             pool,
             sources: config.sources.iter().map(|s| s.name.clone()).collect(),
+            handlers: config.handlers.keys().cloned().collect(),
         });
         let server = HttpServer::new(move || {
             App::new()
@@ -112,6 +116,9 @@ impl Console {
                 .route("/events", web::get().to(events))
                 .route("/events/{id}", web::get().to(event))
                 .route("/events/{id}/replay", web::post().to(replay_one))
+                .route("/events/{id}/skip", web::post().to(skip_one))
+                .route("/pause", web::post().to(pause))
+                .route("/resume", web::post().to(resume))
                 .route("/replay", web::get().to(replay_preview))
                 .route("/replay", web::post().to(replay_bulk))
                 .route("/actions", web::get().to(actions))
@@ -170,6 +177,15 @@ pub enum ConsoleError {
     NotFound,
     #[error("the database did not answer; try again")]
     Database(#[from] sqlx::Error),
+}
+
+impl From<FlowError> for ConsoleError {
+    fn from(error: FlowError) -> Self {
+        match error {
+            FlowError::Database(error) => Self::Database(error),
+            other => Self::BadRequest(other.to_string().replace("--", "")),
+        }
+    }
 }
 
 impl From<ReplayError> for ConsoleError {
@@ -281,11 +297,13 @@ async fn logout(principal: Principal, auth: web::Data<Auth>, form: web::Form<Csr
 }
 
 async fn overview(principal: Principal, auth: web::Data<Auth>, state: web::Data<State>) -> Page {
-    let (statuses, hour, day, notifications) = tokio::try_join!(
+    let (statuses, hour, day, notifications, pauses, circuits) = tokio::try_join!(
         queries::source_health(&state.pool, &state.sources),
         queries::throughput(&state.pool, 3600.0, 300.0),
         queries::throughput(&state.pool, 86_400.0, 3600.0),
         queries::notifications(&state.pool, 10),
+        ops::flow::pauses(&state.pool),
+        ops::flow::open_circuits(&state.pool),
     )?;
     let view = pages::View::new(&principal, &auth);
     Ok(html(pages::overview(
@@ -294,6 +312,11 @@ async fn overview(principal: Principal, auth: web::Data<Auth>, state: web::Data<
         &hour,
         &day,
         &notifications,
+        &pages::FlowState {
+            pauses: &pauses,
+            circuits: &circuits,
+            handlers: &state.handlers,
+        },
     )))
 }
 
@@ -615,6 +638,93 @@ async fn replay_bulk(
     }
     let view = pages::View::new(&principal, &auth);
     Ok(html(pages::replay_done(&view, &report)))
+}
+
+/// `POST /events/{id}/skip`: the CLI's `hookbox skip ID` for one event.
+async fn skip_one(
+    principal: Principal,
+    auth: web::Data<Auth>,
+    state: web::Data<State>,
+    id: web::Path<String>,
+    form: Body,
+) -> Page {
+    let form = body(form);
+    principal.authorize_change(&auth, form.csrf.as_deref())?;
+    let id = event_id(&id)?;
+    let reason = form.reason.clone().unwrap_or_default();
+    let report = ops::flow::skip(&state.pool, &[id], &principal.name, reason.trim()).await?;
+    if report.skipped == 0 {
+        return Err(ConsoleError::BadRequest(
+            "this event cannot be skipped now: it is in flight or has finished".into(),
+        ));
+    }
+    tracing::info!(event_id = %id, actor = %principal.name, "skip from the console");
+    if principal.wants_json() {
+        return Ok(HttpResponse::Ok().json(report));
+    }
+    Ok(see_other(&format!("/events/{id}")))
+}
+
+/// The body of a pause or resume: what, and why.
+#[derive(Debug, Deserialize)]
+struct PauseBody {
+    kind: String,
+    name: String,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    csrf: Option<String>,
+}
+
+type PauseForm = web::Either<web::Form<PauseBody>, web::Json<PauseBody>>;
+
+/// `POST /pause` and `POST /resume`: the CLI's `hookbox pause|resume`.
+async fn pause(
+    principal: Principal,
+    auth: web::Data<Auth>,
+    state: web::Data<State>,
+    form: PauseForm,
+) -> Page {
+    change_pause(principal, auth, state, form, false).await
+}
+
+async fn resume(
+    principal: Principal,
+    auth: web::Data<Auth>,
+    state: web::Data<State>,
+    form: PauseForm,
+) -> Page {
+    change_pause(principal, auth, state, form, true).await
+}
+
+async fn change_pause(
+    principal: Principal,
+    auth: web::Data<Auth>,
+    state: web::Data<State>,
+    form: PauseForm,
+    resume: bool,
+) -> Page {
+    let form = match form {
+        web::Either::Left(form) => form.into_inner(),
+        web::Either::Right(json) => json.into_inner(),
+    };
+    principal.authorize_change(&auth, form.csrf.as_deref())?;
+    let target = match form.kind.as_str() {
+        "source" if state.sources.contains(&form.name) => PauseTarget::Source(form.name),
+        "handler" if state.handlers.contains(&form.name) => PauseTarget::Handler(form.name),
+        _ => return Err(ConsoleError::BadRequest("no such source or handler".into())),
+    };
+    let reason = form.reason.unwrap_or_default();
+    let changed = if resume {
+        ops::flow::resume(&state.pool, &target, &principal.name, reason.trim()).await?
+    } else {
+        ops::flow::pause(&state.pool, &target, &principal.name, reason.trim()).await?
+    };
+    tracing::info!(actor = %principal.name, %target, resume, "pause changed from the console");
+    if principal.wants_json() {
+        return Ok(HttpResponse::Ok().json(serde_json::json!({ "changed": changed })));
+    }
+    Ok(see_other("/"))
 }
 
 #[derive(Deserialize)]

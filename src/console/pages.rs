@@ -131,13 +131,40 @@ fn health(status: &SourceHealth) -> (&'static str, &'static str) {
     }
 }
 
+/// Pauses in force and circuits not closed, for the overview.
+pub struct FlowState<'a> {
+    pub pauses: &'a [crate::ops::flow::Pause],
+    pub circuits: &'a [crate::ops::flow::CircuitState],
+    pub handlers: &'a [String],
+}
+
+/// A pause or resume form for one source or handler.
+fn pause_form(view: &View, kind: &str, name: &str, resume: bool) -> Markup {
+    let (action, label, placeholder) = match resume {
+        true => ("/resume", "Resume", "why resume"),
+        false => ("/pause", "Pause", "why pause"),
+    };
+    html! {
+        form.inline method="post" action=(action) {
+            (view.csrf_field())
+            input type="hidden" name="kind" value=(kind);
+            input type="hidden" name="name" value=(name);
+            input type="text" name="reason" required placeholder=(placeholder);
+            button type="submit" { (label) }
+        }
+    }
+}
+
 pub fn overview(
     view: &View,
     sources: &[SourceHealth],
     hour: &[Bucket],
     day: &[Bucket],
     notifications: &[NotificationRow],
+    flow: &FlowState<'_>,
 ) -> Markup {
+    let paused =
+        |kind: &str, name: &str| flow.pauses.iter().any(|p| p.kind == kind && p.name == name);
     layout(
         view,
         "Overview",
@@ -162,6 +189,55 @@ pub fn overview(
                                 td { (s.oldest_due_seconds.map(age).unwrap_or_else(|| "—".into())) }
                                 td.n { (s.deliveries_1h) } td.n { (s.completed_1h) } td.n { (s.failed_1h) }
                                 td { (s.last_delivery_at.as_ref().map(time).unwrap_or_else(|| "never".into())) }
+                            }
+                        }
+                    }
+                }
+            }
+            section #flow {
+                h2 { "Paused and circuits" }
+                @if flow.pauses.is_empty() && flow.circuits.is_empty() {
+                    p.empty { "Nothing is paused; every circuit is closed." }
+                }
+                @if !flow.pauses.is_empty() {
+                    table #pauses {
+                        thead { tr { th { "Paused" } th { "Since" } th { "By" } th { "Reason" } th { "" } } }
+                        tbody {
+                            @for p in flow.pauses {
+                                tr {
+                                    td { (p.kind) " " strong { (p.name) } }
+                                    td { (time(&p.paused_at)) } td { (p.actor) } td { (p.reason) }
+                                    td { @if view.operator { (pause_form(view, &p.kind, &p.name, true)) } }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if !flow.circuits.is_empty() {
+                    table #circuits {
+                        thead { tr { th { "Handler" } th { "Circuit" } th.n { "Failures" } th { "Open until" } } }
+                        tbody {
+                            @for c in flow.circuits {
+                                tr {
+                                    td { (c.handler) } td { span class="badge bad" { (c.circuit) } }
+                                    td.n { (c.failures) }
+                                    td { (c.open_until.as_ref().map(time).unwrap_or_else(|| "—".into())) }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if view.operator {
+                    details {
+                        summary { "Pause a source or a handler" }
+                        @for s in sources {
+                            @if !paused("source", &s.source) {
+                                p { "source " strong { (s.source) } " " (pause_form(view, "source", &s.source, false)) }
+                            }
+                        }
+                        @for h in flow.handlers {
+                            @if !paused("handler", h) {
+                                p { "handler " strong { (h) } " " (pause_form(view, "handler", h, false)) }
                             }
                         }
                     }
@@ -377,6 +453,13 @@ pub fn event(
                         label { input type="checkbox" name="include_succeeded"; " its handler already succeeded: run it again" }
                     }
                     button #replay-button type="submit" { "Replay" }
+                }
+                @if matches!(detail.status, EventStatus::Pending | EventStatus::Retrying | EventStatus::Dead) {
+                    form #skip method="post" action={ "/events/" (detail.id) "/skip" } {
+                        (view.csrf_field())
+                        label { "Reason " input #skip-reason type="text" name="reason" required placeholder="why end it unprocessed"; }
+                        button #skip-button type="submit" { "Skip" }
+                    }
                 }
             }
             h2 { "Timeline" }

@@ -209,7 +209,10 @@ fn the_configuration_reference_example_is_accepted_and_names_every_documented_ke
         ("DOWNSTREAM_WHSEC", "whsec_ZG93bnN0cmVhbQ=="),
         ("STRIPE_WEBHOOK_SECRET", "whsec_stripe-webhook-secret-0001"),
         ("STRIPE_API_KEY", "rk_test_reconcile"),
-        ("SHOP_WEBHOOK_SECRET", "whsec_c2hvcC13ZWJob29rLXNlY3JldC0wMDAx"),
+        (
+            "SHOP_WEBHOOK_SECRET",
+            "whsec_c2hvcC13ZWJob29rLXNlY3JldC0wMDAx",
+        ),
         ("SHOP_API_KEY", "shop-api-key"),
         ("HOOKBOX_OPS_TOKEN", "ops-token-for-the-example-0001"),
         ("HOOKBOX_AUDIT_TOKEN", "audit-token-for-the-example-02"),

@@ -765,3 +765,74 @@ async fn hostile_payloads_run_no_script_in_the_browser() {
         .contains("<script>window.hookboxXss = 1"));
     browser.stop().await;
 }
+
+#[tokio::test]
+async fn operators_pause_skip_and_resume_from_the_console_and_viewers_cannot() {
+    let test = ConsoleTest::start().await;
+    let post = |path: &str, token: &str, body: serde_json::Value| {
+        test.http
+            .post(format!("{}{path}", test.url))
+            .bearer_auth(token)
+            .json_body(&body)
+            .send()
+    };
+    let pause =
+        serde_json::json!({ "kind": "source", "name": "begini", "reason": "provider incident" });
+
+    let refused = post("/pause", AUDIT_TOKEN, pause.clone()).await.unwrap();
+    assert_eq!(refused.status(), 403, "a viewer cannot pause");
+    let paused = post("/pause", OPS_TOKEN, pause).await.unwrap();
+    assert_eq!(paused.status(), 200);
+
+    // Paused: the delivery is accepted and waits.
+    let answer = test
+        .app
+        .post_signed(
+            "begini",
+            &begini_payload(&unique_uid(), "application.complete"),
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    let id = answer.event_id();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let ops = test.login(OPS_TOKEN).await;
+    let (_, overview) = test.page("/", &ops).await;
+    assert!(
+        overview.contains("provider incident"),
+        "the overview shows the pause"
+    );
+    let (_, page) = test.page(&format!("/events/{id}"), &ops).await;
+    assert!(page.contains(r#"id="skip""#), "a waiting event offers skip");
+
+    let skip = serde_json::json!({ "reason": "sent by mistake" });
+    let refused = post(&format!("/events/{id}/skip"), AUDIT_TOKEN, skip.clone())
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403, "a viewer cannot skip");
+    let skipped = post(&format!("/events/{id}/skip"), OPS_TOKEN, skip)
+        .await
+        .unwrap();
+    assert_eq!(skipped.status(), 200);
+    let resumed = post(
+        "/resume",
+        OPS_TOKEN,
+        serde_json::json!({ "kind": "source", "name": "begini", "reason": "over" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resumed.status(), 200);
+
+    let status: String = sqlx::query_scalar("SELECT status FROM inbox_events WHERE id = $1")
+        .bind(id)
+        .fetch_one(&test.app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "skipped");
+    let actions: Vec<(String, String)> =
+        sqlx::query_as("SELECT action, actor FROM inbox_actions ORDER BY id")
+            .fetch_all(&test.app.db.pool)
+            .await
+            .unwrap();
+    let expected = [("pause", "ops"), ("skip", "ops"), ("resume", "ops")];
+    assert_eq!(actions, expected.map(|(a, b)| (a.to_owned(), b.to_owned())));
+}
