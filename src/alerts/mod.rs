@@ -272,6 +272,24 @@ pub async fn evaluate(pool: &PgPool, alert: &AlertConfig) -> Result<Evaluation, 
                 counts: json!({ "signature_failures": failures, "window_seconds": over.as_secs() }),
             }
         }
+        Condition::ReconciledMissing { above } => {
+            // Events reconciliation imported, over the alert's own `every`.
+            let missing = sqlx::query_scalar!(
+                r#"
+                SELECT coalesce(sum(affected), 0)::int8 AS "n!" FROM inbox_actions
+                WHERE action = 'reconcile' AND at > now() - make_interval(secs => $1)
+                  AND ($2::text IS NULL OR filter ->> 'source' = $2)
+                "#,
+                alert.every.as_secs_f64(),
+                source
+            )
+            .fetch_one(pool)
+            .await?;
+            Evaluation {
+                firing: missing as u64 > above,
+                counts: json!({ "reconciled_missing": missing, "window_seconds": alert.every.as_secs() }),
+            }
+        }
         Condition::WrongEnvironment => {
             // Over the alert's own `every`: each quiet period reports the
             // deliveries it covered.
@@ -292,10 +310,13 @@ async fn count_deliveries(
     reason: Option<&str>,
     over: Duration,
 ) -> Result<i64, sqlx::Error> {
+    // The per-minute counts hold every refusal (only the first few of a
+    // minute have a row of their own in inbox_deliveries).
     sqlx::query_scalar!(
         r#"
-        SELECT count(*) AS "n!" FROM inbox_deliveries
-        WHERE outcome = 'rejected_signature' AND received_at > now() - make_interval(secs => $1)
+        SELECT coalesce(sum(refused), 0)::int8 AS "n!" FROM inbox_refusal_counts
+        WHERE outcome = 'rejected_signature'
+          AND minute >= date_trunc('minute', now() - make_interval(secs => $1))
           AND ($2::text IS NULL OR source = $2)
           AND ($3::text IS NULL OR reason = $3)
         "#,

@@ -134,6 +134,9 @@ pub enum Condition {
     SignatureFailures { above: u64, over: Duration },
     /// Any delivery signed with another environment's key since the last round.
     WrongEnvironment,
+    /// Reconciliation imported more than this many events the inbox lacked
+    /// (over the alert's `every`): deliveries were lost, an outage nobody saw.
+    ReconciledMissing { above: u64 },
 }
 
 impl FromStr for Condition {
@@ -165,6 +168,11 @@ impl FromStr for Condition {
                     over: positive(duration(window)?)?,
                 })
             }
+            ["reconciled_missing", ">", count] => Ok(Self::ReconciledMissing {
+                above: count
+                    .parse()
+                    .map_err(|_| format!("`{count}` is not a whole number"))?,
+            }),
             ["signature_failures", ">", count, "over", window] => Ok(Self::SignatureFailures {
                 above: count
                     .parse()
@@ -173,7 +181,7 @@ impl FromStr for Condition {
             }),
             _ => Err(format!(
                 "`{text}` is not a condition: write \"dead\", \"oldest_due_age > 10m\", \
-                 \"failure_rate > 0.2 over 5m\", \"signature_failures > 20 over 1m\" or \"wrong_environment\""
+                 \"failure_rate > 0.2 over 5m\", \"signature_failures > 20 over 1m\", \"wrong_environment\" or \"reconciled_missing > 0\""
             )),
         }
     }
@@ -352,6 +360,10 @@ mod tests {
     fn every_condition_the_spec_names_parses() {
         assert_eq!("dead".parse(), Ok(Condition::Dead));
         assert_eq!("wrong_environment".parse(), Ok(Condition::WrongEnvironment));
+        assert_eq!(
+            "reconciled_missing > 0".parse(),
+            Ok(Condition::ReconciledMissing { above: 0 })
+        );
         assert_eq!(
             "oldest_due_age > 10m".parse(),
             Ok(Condition::OldestDueAge(Duration::from_secs(600)))

@@ -284,3 +284,38 @@ notify = { url_env = "HOOK", format = "slack" }
         );
     }
 }
+
+#[tokio::test]
+async fn events_that_reconciliation_found_missing_fire_the_reconciled_missing_alert() {
+    let text = format!(
+        "{BEGINI_CONFIG}\n[[alert]]\nname = \"lost-deliveries\"\nwhen = \"reconciled_missing > 0\"\n\
+         source = \"begini\"\nnotify = {{ url_env = \"HOOK\", format = \"json\" }}\nevery = \"1h\"\n"
+    );
+    let app = TestApp::spawn(
+        &text,
+        &[
+            ("BEGINI_API_KEY", BEGINI_KEY),
+            ("HOOK", "https://hooks.example.test/x"),
+        ],
+    )
+    .await;
+    let alert = &app.config.alerts[0];
+    let quiet = hookbox::alerts::evaluate(&app.db.pool, alert)
+        .await
+        .unwrap();
+    assert!(!quiet.firing);
+
+    // A reconcile run that imported 3 events the inbox lacked.
+    sqlx::query(
+        "INSERT INTO inbox_actions (actor, action, filter, affected) \
+         VALUES ('worker-1', 'reconcile', '{\"source\": \"begini\"}', 3)",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let firing = hookbox::alerts::evaluate(&app.db.pool, alert)
+        .await
+        .unwrap();
+    assert!(firing.firing);
+    assert_eq!(firing.counts["reconciled_missing"], 3);
+}
