@@ -18,7 +18,7 @@ use actix_web::{
     dev::Server,
     http::{header, StatusCode},
     middleware::DefaultHeaders,
-    web, App, HttpResponse, HttpServer, ResponseError,
+    web, App, HttpRequest, HttpResponse, HttpServer, ResponseError,
 };
 use anyhow::Context;
 use serde::Deserialize;
@@ -117,8 +117,8 @@ impl Console {
                 .route("/events/{id}", web::get().to(event))
                 .route("/events/{id}/replay", web::post().to(replay_one))
                 .route("/events/{id}/skip", web::post().to(skip_one))
-                .route("/pause", web::post().to(pause))
-                .route("/resume", web::post().to(resume))
+                .route("/pause", web::post().to(change_pause))
+                .route("/resume", web::post().to(change_pause))
                 .route("/replay", web::get().to(replay_preview))
                 .route("/replay", web::post().to(replay_bulk))
                 .route("/actions", web::get().to(actions))
@@ -679,31 +679,14 @@ struct PauseBody {
 type PauseForm = web::Either<web::Form<PauseBody>, web::Json<PauseBody>>;
 
 /// `POST /pause` and `POST /resume`: the CLI's `hookbox pause|resume`.
-async fn pause(
-    principal: Principal,
-    auth: web::Data<Auth>,
-    state: web::Data<State>,
-    form: PauseForm,
-) -> Page {
-    change_pause(principal, auth, state, form, false).await
-}
-
-async fn resume(
-    principal: Principal,
-    auth: web::Data<Auth>,
-    state: web::Data<State>,
-    form: PauseForm,
-) -> Page {
-    change_pause(principal, auth, state, form, true).await
-}
-
 async fn change_pause(
+    request: HttpRequest,
     principal: Principal,
     auth: web::Data<Auth>,
     state: web::Data<State>,
     form: PauseForm,
-    resume: bool,
 ) -> Page {
+    let resume = request.path() == "/resume";
     let form = match form {
         web::Either::Left(form) => form.into_inner(),
         web::Either::Right(json) => json.into_inner(),

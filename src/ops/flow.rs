@@ -135,33 +135,7 @@ pub async fn pause(
     actor: &str,
     reason: &str,
 ) -> Result<bool, FlowError> {
-    require_reason(reason)?;
-    let mut transaction = pool.begin().await?;
-    let paused = sqlx::query!(
-        "INSERT INTO inbox_pauses (kind, name, actor, reason) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (kind, name) DO NOTHING",
-        target.kind(),
-        target.name(),
-        actor,
-        reason,
-    )
-    .execute(&mut *transaction)
-    .await?
-    .rows_affected()
-        == 1;
-    if paused {
-        let action_id = record_action(
-            &mut transaction,
-            actor,
-            "pause",
-            &serde_json::to_value(target).unwrap_or_default(),
-            Some(reason),
-        )
-        .await?;
-        add_affected(&mut transaction, action_id, 1).await?;
-    }
-    transaction.commit().await?;
-    Ok(paused)
+    change_pause(pool, target, actor, reason, PauseChange::Pause).await
 }
 
 /// Resumes `target` and wakes the workers. Returns `false` if it was not paused.
@@ -171,33 +145,64 @@ pub async fn resume(
     actor: &str,
     reason: &str,
 ) -> Result<bool, FlowError> {
+    change_pause(pool, target, actor, reason, PauseChange::Resume).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PauseChange {
+    Pause,
+    Resume,
+}
+
+/// The row in `inbox_pauses` and, if it changed, the action that says so.
+async fn change_pause(
+    pool: &PgPool,
+    target: &PauseTarget,
+    actor: &str,
+    reason: &str,
+    change: PauseChange,
+) -> Result<bool, FlowError> {
     require_reason(reason)?;
     let mut transaction = pool.begin().await?;
-    let resumed = sqlx::query!(
-        "DELETE FROM inbox_pauses WHERE kind = $1 AND name = $2",
-        target.kind(),
-        target.name(),
-    )
-    .execute(&mut *transaction)
-    .await?
-    .rows_affected()
-        == 1;
-    if resumed {
-        let action_id = record_action(
-            &mut transaction,
+    let changed = match change {
+        PauseChange::Pause => sqlx::query!(
+            "INSERT INTO inbox_pauses (kind, name, actor, reason) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (kind, name) DO NOTHING",
+            target.kind(),
+            target.name(),
             actor,
-            "resume",
-            &serde_json::to_value(target).unwrap_or_default(),
-            Some(reason),
+            reason,
         )
-        .await?;
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected(),
+        PauseChange::Resume => sqlx::query!(
+            "DELETE FROM inbox_pauses WHERE kind = $1 AND name = $2",
+            target.kind(),
+            target.name(),
+        )
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected(),
+    } == 1;
+    if changed {
+        let action = match change {
+            PauseChange::Pause => "pause",
+            PauseChange::Resume => "resume",
+        };
+        let filter = serde_json::to_value(target).unwrap_or_default();
+        let action_id =
+            record_action(&mut transaction, actor, action, &filter, Some(reason)).await?;
         add_affected(&mut transaction, action_id, 1).await?;
-        sqlx::query!("SELECT pg_notify('hookbox_events', '')")
-            .execute(&mut *transaction)
-            .await?;
+        if change == PauseChange::Resume {
+            // What waited may start now.
+            sqlx::query!("SELECT pg_notify('hookbox_events', '')")
+                .execute(&mut *transaction)
+                .await?;
+        }
     }
     transaction.commit().await?;
-    Ok(resumed)
+    Ok(changed)
 }
 
 /// A pause in force.

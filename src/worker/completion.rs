@@ -156,19 +156,8 @@ impl Worker {
             outcome::log_lease_lost(event);
             return Ok(Processed::LeaseLost);
         }
-        if let (Some(name), Attempted::Ran(result)) = (routed.handler, &attempted) {
-            if let Some(circuit) = self.circuits.get(name) {
-                queue::record_circuit(
-                    &mut transaction,
-                    name,
-                    event.id,
-                    circuit,
-                    result,
-                    self.policy.max,
-                )
-                .await?;
-            }
-        }
+        self.record_circuit(&mut transaction, &routed, &attempted)
+            .await?;
         let finish = self.decide(&routed, attempted);
         let processed = Processed::Recorded(finish.attempt_outcome);
         if self
@@ -216,19 +205,8 @@ impl Worker {
                 processed.push(Processed::LeaseLost);
                 continue;
             }
-            if let (Some(name), Attempted::Ran(result)) = (routed.handler, &attempted) {
-                if let Some(circuit) = self.circuits.get(name) {
-                    queue::record_circuit(
-                        &mut transaction,
-                        name,
-                        event.id,
-                        circuit,
-                        result,
-                        self.policy.max,
-                    )
-                    .await?;
-                }
-            }
+            self.record_circuit(&mut transaction, routed, &attempted)
+                .await?;
             let finish = self.decide(routed, attempted);
             processed.push(Processed::Recorded(finish.attempt_outcome));
             recorded.push((event, finish));
@@ -238,6 +216,24 @@ impl Worker {
         } else {
             Ok(vec![Processed::LeaseLost; batch.len()])
         }
+    }
+
+    /// What the attempt does to its handler's circuit, if it has one, in the
+    /// transaction that records the attempt.
+    async fn record_circuit(
+        &self,
+        transaction: &mut PgConnection,
+        routed: &Routed<'_>,
+        attempted: &Attempted,
+    ) -> Result<()> {
+        if let (Some(name), Attempted::Ran(result)) = (routed.handler, attempted) {
+            if let Some(circuit) = self.circuits.get(name) {
+                let event = routed.claimed.event.id;
+                queue::record_circuit(transaction, name, event, circuit, result, self.policy.max)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     fn decide<'a>(&self, routed: &Routed<'a>, attempted: Attempted) -> queue::Finish<'a> {
