@@ -282,6 +282,16 @@ fn standard_webhooks_headers(
         .iter()
         .find(|names| !headers.values(names[0]).is_empty())
         .unwrap_or(&STANDARD_WEBHOOKS_NAMES[0]);
+    // Svix sends both families with the same values. Different values mean
+    // one family was added by someone else: the event key may be read from
+    // the id header of the family that was not verified, so refuse.
+    let [ours, theirs] = &STANDARD_WEBHOOKS_NAMES;
+    for i in 0..2 {
+        let (a, b) = (headers.values(ours[i]), headers.values(theirs[i]));
+        if !a.is_empty() && !b.is_empty() && a != b {
+            return Err(Rejection::MalformedHeader);
+        }
+    }
     Ok([
         single_header(headers, names[0])?,
         single_header(headers, names[1])?,
@@ -421,6 +431,49 @@ mod tests {
         assert_eq!(
             headers[2].1,
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    /// A captured delivery signed with one header family, replayed with the
+    /// other family's id header added: the event key could be read from the
+    /// unsigned one, so it is refused; Svix's own both-families delivery
+    /// (same values) still verifies.
+    #[test]
+    fn standard_webhooks_refuses_an_id_header_that_differs_from_the_signed_one() {
+        let scheme = Scheme::StandardWebhooks;
+        let key = scheme
+            .key_from_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        let signed = scheme.sign(&key, body, 1614265330, "msg_original");
+        let as_svix: Vec<(String, String)> = signed
+            .iter()
+            .map(|(name, value)| (name.replace("webhook-", "svix-"), value.clone()))
+            .collect();
+        let verify = |extra: &[(&str, &str)], family: &[(String, String)]| {
+            let mut headers: Vec<(&str, &str)> = family
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            headers.extend_from_slice(extra);
+            scheme.verify(
+                std::slice::from_ref(&key),
+                headers.as_slice(),
+                body,
+                1614265330,
+                Duration::from_secs(300),
+            )
+        };
+        assert_eq!(verify(&[], &signed), Ok(()));
+        assert_eq!(verify(&[], &as_svix), Ok(()));
+        assert_eq!(verify(&[("svix-id", "msg_original")], &signed), Ok(()));
+        assert_eq!(
+            verify(&[("svix-id", "msg_forged")], &signed),
+            Err(Rejection::MalformedHeader)
+        );
+        assert_eq!(
+            verify(&[("webhook-id", "msg_forged")], &as_svix),
+            Err(Rejection::MalformedHeader)
         );
     }
 
