@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use hookbox::config::{Config, Role};
+use hookbox::config::{Config, ProcessRole};
 use libfuzzer_sys::fuzz_target;
 
 const SECRET: &str = "fuzz-secret-value-0123456789";
@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
-    for role in [Role::All, Role::Receiver, Role::Worker] {
+    for role in [ProcessRole::All, ProcessRole::Receiver, ProcessRole::Worker] {
         match Config::parse_for(text, Path::new("fuzz.toml"), &env, role) {
             Ok(config) => {
                 let _ = config.database_url_from(&env);

@@ -202,7 +202,12 @@ impl Config {
         let file: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let key = e.path().to_string();
             let message = e.into_inner().message().trim().to_owned();
-            error(if key == "." { "(file)" } else { &key }, message)
+            // The root, or a key whose name is empty (`'' = 1`).
+            let key = match key.as_str() {
+                "." | "" => "(file)".to_owned(),
+                _ => key,
+            };
+            error(&key, message)
         })?;
         Checker {
             path,

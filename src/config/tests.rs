@@ -308,3 +308,12 @@ fn a_worker_admin_address_may_be_a_range_of_ports() {
         "worker.admin_listen"
     );
 }
+
+/// Found by the config_parse fuzz target: a key with an empty name made an
+/// error that named no place in the file.
+#[test]
+fn a_mistake_under_an_empty_key_still_names_a_place() {
+    let error = parse("''=''''''", &[]).unwrap_err();
+    assert!(!error.key.is_empty(), "{error}");
+    assert!(error.to_string().starts_with("hookbox.toml: "), "{error}");
+}
