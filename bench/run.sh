@@ -38,7 +38,7 @@ as_pg "$pg_bin/initdb" -U postgres --auth=trust -E UTF8 --locale=C -D "$pgdata" 
 as_pg "$pg_bin/pg_ctl" start -w -D "$pgdata" -l "$pgdata/log" \
     -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_preload_libraries=pg_stat_statements" >/dev/null
 export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
-export BEGINI_API_KEY=bench-key RUST_LOG=warn PGOPTIONS="-c client_min_messages=warning"
+export BEGINI_API_KEY=bench-key-for-the-benchmark RUST_LOG=warn PGOPTIONS="-c client_min_messages=warning"
 psql() { command psql -q -X -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
 
 rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
