@@ -101,7 +101,10 @@ handler = "out"
 "#
     );
     let env: BTreeMap<String, String> = [
-        ("BEGINI_API_KEY".to_string(), "bench-key".to_string()),
+        (
+            "BEGINI_API_KEY".to_string(),
+            "bench-key-for-the-benchmark".to_string(),
+        ),
         ("BENCH_AMQP_URL".to_string(), AMQP_URL.to_string()),
     ]
     .into();

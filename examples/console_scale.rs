@@ -109,8 +109,14 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let env: BTreeMap<String, String> = [
-        ("BEGINI_API_KEY".to_string(), "bench-key".to_string()),
-        ("PARTNER_SECRET".to_string(), "partner-key".to_string()),
+        (
+            "BEGINI_API_KEY".to_string(),
+            "bench-key-for-the-benchmark".to_string(),
+        ),
+        (
+            "PARTNER_SECRET".to_string(),
+            "partner-key-for-the-benchmark".to_string(),
+        ),
         ("CONSOLE_TOKEN".to_string(), TOKEN.to_string()),
     ]
     .into();

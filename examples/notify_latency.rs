@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use hookbox::{config::Config, db, pgcluster::Server, receiver, worker};
 use tokio_util::sync::CancellationToken;
 
-const KEY: &str = "bench-key";
+const KEY: &str = "bench-key-for-the-benchmark";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -98,10 +98,13 @@ async fn main() -> anyhow::Result<()> {
          secrets_env = [\"WHSEC\"]\nevent_key = {{ json = [\"/id\"] }}\n\
          [source.reconcile]\nkind = \"stripe\"\napi_key_env = \"KEY\"\napi_base = \"{api_base}\"\n"
     );
-    let env: BTreeMap<String, String> = [("WHSEC", "whsec_bench"), ("KEY", "sk_test_bench")]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+    let env: BTreeMap<String, String> = [
+        ("WHSEC", "whsec_bench-webhook-secret-0001"),
+        ("KEY", "sk_test_bench"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
     let config = Config::parse(&text, Path::new("bench.toml"), &env)?;
     let source = config.source("stripe").unwrap();
 

@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use hookbox::{config::Config, db, pgcluster::Server, receiver};
 use tokio::time::Instant;
 
-const KEY: &str = "bench-key";
+const KEY: &str = "bench-key-for-the-benchmark";
 
 const CONFIG: &str = r#"
 [receiver]

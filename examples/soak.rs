@@ -19,7 +19,7 @@ use std::{
 use anyhow::Context;
 use hookbox::pgcluster::{Cluster, ClusterOptions, StopMode};
 
-const KEY: &str = "soak-key";
+const KEY: &str = "soak-key-for-the-thirty-minutes";
 
 fn main() -> anyhow::Result<()> {
     let minutes: u64 = std::env::args()
