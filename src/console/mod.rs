@@ -514,7 +514,8 @@ struct ActionBody {
 
 type Body = web::Either<web::Form<ActionBody>, web::Json<ActionBody>>;
 
-fn body(body: Body) -> ActionBody {
+/// A form from a browser or JSON from a script, whichever came.
+fn body<T>(body: web::Either<web::Form<T>, web::Json<T>>) -> T {
     match body {
         web::Either::Left(form) => form.into_inner(),
         web::Either::Right(json) => json.into_inner(),
@@ -687,10 +688,7 @@ async fn change_pause(
     form: PauseForm,
 ) -> Page {
     let resume = request.path() == "/resume";
-    let form = match form {
-        web::Either::Left(form) => form.into_inner(),
-        web::Either::Right(json) => json.into_inner(),
-    };
+    let form = body(form);
     principal.authorize_change(&auth, form.csrf.as_deref())?;
     let target = match form.kind.as_str() {
         "source" if state.sources.contains(&form.name) => PauseTarget::Source(form.name),
