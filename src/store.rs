@@ -263,12 +263,52 @@ async fn ingest_statement(
         .collect())
 }
 
-/// Whether the event with this id is stored (its insert committed).
-pub async fn event_exists(pool: &PgPool, id: Uuid) -> Result<bool, StoreError> {
-    Ok(sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM inbox_events WHERE id = $1) AS "exists!""#,
-        id
-    )
-    .fetch_one(pool)
-    .await?)
+/// Which server process runs the current transaction, and the transaction's
+/// id: what it takes to learn later whether it committed (see
+/// [`transaction_outcome`]), even if the connection is lost during COMMIT.
+#[derive(Clone, Debug)]
+pub struct TransactionIdentity {
+    backend_pid: i32,
+    xid: String,
+}
+
+pub async fn transaction_identity(
+    conn: &mut PgConnection,
+) -> Result<TransactionIdentity, StoreError> {
+    let row =
+        sqlx::query!(r#"SELECT pg_backend_pid() AS "pid!", pg_current_xact_id()::text AS "xid!""#)
+            .fetch_one(conn)
+            .await?;
+    Ok(TransactionIdentity {
+        backend_pid: row.pid,
+        xid: row.xid,
+    })
+}
+
+/// How a transaction whose COMMIT got no answer ended: `Some(true)` committed,
+/// `Some(false)` rolled back, `None` unknowable (its id is too old). One still
+/// running (its COMMIT not yet made, the client gone) is ended first, so that
+/// the answer cannot change afterwards.
+pub async fn transaction_outcome(
+    pool: &PgPool,
+    transaction: &TransactionIdentity,
+) -> Result<Option<bool>, StoreError> {
+    loop {
+        let status = sqlx::query_scalar!("SELECT pg_xact_status($1::text::xid8)", transaction.xid)
+            .fetch_one(pool)
+            .await?;
+        match status.as_deref() {
+            Some("committed") => return Ok(Some(true)),
+            Some("aborted") => return Ok(Some(false)),
+            None => return Ok(None),
+            Some(_in_progress) => {
+                sqlx::query!(
+                    "SELECT pg_terminate_backend($1, 1000)",
+                    transaction.backend_pid
+                )
+                .fetch_one(pool)
+                .await?;
+            }
+        }
+    }
 }

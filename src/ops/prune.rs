@@ -178,7 +178,7 @@ impl Target {
                           AND (processed_at, id) > ($4, $5)
                         ORDER BY processed_at, id
                         LIMIT $3
-                        FOR UPDATE SKIP LOCKED
+                        FOR NO KEY UPDATE SKIP LOCKED
                     )
                     UPDATE inbox_events e SET payload = NULL, payload_json = NULL, headers = NULL
                     WHERE e.id = ANY(ARRAY(SELECT id FROM batch))

@@ -186,7 +186,11 @@ async fn replay_status(
                   AND (cardinality($7::uuid[]) = 0 OR id = ANY($7))
                 ORDER BY id
                 LIMIT $8
-                FOR UPDATE SKIP LOCKED
+                -- Waits, never skips: the finished events a replay takes are
+                -- locked only for moments (a duplicate delivery's key-share
+                -- lock, a prune), and a skipped one would be left unreplayed.
+                -- NO KEY UPDATE does not conflict with key-share locks at all.
+                FOR NO KEY UPDATE
             ), replayed AS (
                 UPDATE inbox_events e
                 SET status = 'pending', attempts = 0, next_attempt_at = now(), processed_at = NULL, last_error = NULL

@@ -269,13 +269,15 @@ async fn store_once(
     // One transaction: the batch's statements commit together or not at all,
     // so a 503 always means that none of its events was stored.
     let mut transaction = connection.begin().await.map_err(|e| failed(e.into()))?;
-    let outcomes = async {
+    let (identity, outcomes) = async {
         if budget < limits.statement_timeout {
             // Rare (the queue was slow): the tighter limit applies to this
             // batch's statements only.
             store::set_local_statement_timeout(&mut transaction, budget).await?;
         }
-        store::ingest_batch(&mut transaction, deliveries, Origin::Http).await
+        let identity = store::transaction_identity(&mut transaction).await?;
+        let outcomes = store::ingest_batch(&mut transaction, deliveries, Origin::Http).await?;
+        Ok((identity, outcomes))
     }
     .await
     .map_err(failed)?;
@@ -286,7 +288,7 @@ async fn store_once(
         // The connection failed during COMMIT: it may have committed or not.
         Err(error) => {
             drop(connection);
-            match committed(pool, &outcomes, limits.deadline).await {
+            match committed(pool, &identity, limits.deadline).await {
                 Some(true) => Ok(outcomes),
                 _ => Err(failed(error.into())),
             }
@@ -294,29 +296,26 @@ async fn store_once(
     }
 }
 
-/// Whether a batch whose COMMIT got no answer was committed, judged by the
-/// events it inserted (their ids were generated before the insert): all or
-/// none of them exist. `None` when that cannot be known (nothing was inserted,
-/// or the database cannot be asked in time); the caller then answers 503, and
-/// a sender that retries is answered `duplicate` if it was stored after all.
+/// Whether a batch whose COMMIT got no answer was committed, asked of the
+/// database by the transaction's id. The rows themselves cannot tell: a COMMIT
+/// still under way (a slow flush, a synchronous replica) shows none of them
+/// yet and may land a moment later, so a transaction still running is ended
+/// before its outcome is read. `None` when that cannot be known in time; the
+/// caller then answers 503, and a sender that retries is answered `duplicate`
+/// if it was stored after all.
 async fn committed(
     pool: &PgPool,
-    outcomes: &[(IngestOutcome, Uuid)],
+    transaction: &store::TransactionIdentity,
     deadline: Instant,
 ) -> Option<bool> {
-    let inserted: Vec<Uuid> = outcomes
-        .iter()
-        .filter(|(outcome, _)| *outcome == IngestOutcome::Accepted)
-        .map(|(_, id)| *id)
-        .collect();
-    let first = *inserted.first()?;
-    let found = tokio::time::timeout_at(deadline, store::event_exists(pool, first))
-        .await
-        .ok()?
-        .ok()?;
+    let committed =
+        tokio::time::timeout_at(deadline, store::transaction_outcome(pool, transaction))
+            .await
+            .ok()?
+            .ok()??;
     tracing::warn!(
-        committed = found,
+        committed,
         "the database did not answer a batch's COMMIT; its outcome was looked up"
     );
-    Some(found)
+    Some(committed)
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{
     outcome::{self, Attempted, Processed},
-    queue,
+    queue::{self, Claimed},
     registry::Runner,
     Error, Event, Result, Routed, Worker,
 };
@@ -71,8 +71,8 @@ impl Worker {
     /// each handler runs in a savepoint, so a failing event rolls back alone
     /// while the others' effects commit together with their outcomes.
     async fn complete_carefully(&self, batch: &[Routed<'_>]) -> Result<Vec<Processed>> {
-        let events: Vec<&Event> = batch.iter().map(|r| &r.claimed.event).collect();
-        let (mut transaction, held) = self.begin_holding(&events).await?;
+        let claims: Vec<&Claimed> = batch.iter().map(|r| &r.claimed).collect();
+        let (mut transaction, held) = self.begin_holding(&claims).await?;
         let mut savepoint = Savepoint::default();
         let mut recorded = Vec::with_capacity(batch.len());
         let mut processed = Vec::with_capacity(batch.len());
@@ -93,7 +93,8 @@ impl Worker {
         if self.record_and_commit(transaction, recorded).await? {
             Ok(processed)
         } else {
-            // Unreachable while the row locks hold; nothing was committed.
+            // Unreachable while the row locks hold (they were taken for these
+            // very claims); nothing was committed.
             Ok(vec![Processed::LeaseLost; batch.len()])
         }
     }
@@ -151,7 +152,7 @@ impl Worker {
             Attempted::Ran(handler.handle(event).await)
         };
         record_duration(routed.handler, started);
-        let (mut transaction, held) = self.begin_holding(&[event]).await?;
+        let (mut transaction, held) = self.begin_holding(&[&routed.claimed]).await?;
         if held.is_empty() {
             outcome::log_lease_lost(event);
             return Ok(Processed::LeaseLost);
@@ -194,8 +195,21 @@ impl Worker {
             attempted
         });
         let attempted = futures_util::future::join_all(attempts).await;
-        let events: Vec<&Event> = batch.iter().map(|r| &r.claimed.event).collect();
-        let (mut transaction, held) = self.begin_holding(&events).await?;
+        let claims: Vec<&Claimed> = batch.iter().map(|r| &r.claimed).collect();
+        let (mut transaction, held) = self.begin_holding(&claims).await?;
+        // Circuits are recorded in handler-name order, the order in which
+        // claims lock handlers too: batches that share handlers never wait
+        // for each other in a cycle.
+        let mut by_handler: Vec<(&Routed<'_>, &Attempted)> = batch
+            .iter()
+            .zip(&attempted)
+            .filter(|(routed, _)| held.contains(&routed.claimed.event.id))
+            .collect();
+        by_handler.sort_by_key(|(routed, _)| routed.handler);
+        for (routed, attempted) in by_handler {
+            self.record_circuit(&mut transaction, routed, attempted)
+                .await?;
+        }
         let mut recorded = Vec::with_capacity(batch.len());
         let mut processed = Vec::with_capacity(batch.len());
         for (routed, attempted) in batch.iter().zip(attempted) {
@@ -205,8 +219,6 @@ impl Worker {
                 processed.push(Processed::LeaseLost);
                 continue;
             }
-            self.record_circuit(&mut transaction, routed, &attempted)
-                .await?;
             let finish = self.decide(routed, attempted);
             processed.push(Processed::Recorded(finish.attempt_outcome));
             recorded.push((event, finish));
@@ -247,13 +259,14 @@ impl Worker {
         )
     }
 
-    /// Begins a transaction and locks those of `events` this worker still holds.
+    /// Begins a transaction and locks the events of those `claims` this
+    /// worker still holds.
     async fn begin_holding(
         &self,
-        events: &[&Event],
+        claims: &[&Claimed],
     ) -> Result<(Transaction<'static, Postgres>, HashSet<Uuid>)> {
         let mut transaction = self.pool.begin().await?;
-        let held = queue::lock_held(&mut transaction, &self.id, events).await?;
+        let held = queue::lock_held(&mut transaction, &self.id, claims).await?;
         Ok((transaction, held))
     }
 

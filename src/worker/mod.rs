@@ -315,7 +315,7 @@ impl Worker {
                 }
             }
         }
-        match queue::release(&worker.pool, &worker.id).await {
+        match queue::release(&worker.pool, &worker.id, worker.policy.max_attempts as i32).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "unfinished events released"),
             Err(error) => {

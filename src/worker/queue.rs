@@ -124,39 +124,45 @@ pub async fn claim(
 }
 
 /// Locks, for their completion transaction, the events whose lease is still
-/// this worker's; the others have been taken over by another worker or a
-/// rescue, and are neither locked nor waited for (SKIP LOCKED: a row locked
-/// by someone else is one this worker no longer holds).
+/// this worker's in the claim given (the event's attempt count and its open
+/// attempt row); the others have been taken over by another worker, a rescue
+/// or a newer claim of this worker's, and are neither locked nor waited for
+/// (SKIP LOCKED: a row locked by someone else is one this claim no longer
+/// holds). The claim is checked before the lock is taken, so a stale
+/// completion never locks the row of a newer claim of the same event.
 pub async fn lock_held(
     conn: &mut PgConnection,
     worker_id: &str,
-    events: &[&Event],
+    claims: &[&Claimed],
 ) -> Result<HashSet<Uuid>, sqlx::Error> {
-    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let ids: Vec<Uuid> = claims.iter().map(|c| c.event.id).collect();
+    let attempts: Vec<i32> = claims.iter().map(|c| c.event.attempt).collect();
+    let attempt_ids: Vec<i64> = claims.iter().map(|c| c.attempt_id).collect();
     // The lease conditions sit inside CASE so that the plan stays on the
     // primary key: written plainly they match the lease index's predicate,
     // and the planner may walk that index (every recently claimed event).
-    let rows = sqlx::query!(
+    let held = sqlx::query_scalar!(
         r#"
-        SELECT id, attempts
-        FROM inbox_events
-        WHERE id = ANY($1)
-          AND CASE WHEN status = 'processing' AND locked_by = $2 AND locked_until > now()
+        SELECT e.id
+        FROM inbox_events e
+        JOIN unnest($1::uuid[], $3::int4[], $4::int8[]) AS c(event_id, attempt, attempt_id)
+          ON c.event_id = e.id
+        WHERE CASE WHEN e.status = 'processing' AND e.locked_by = $2 AND e.locked_until > now()
+                        AND e.attempts = c.attempt
+                        AND EXISTS (SELECT 1 FROM inbox_attempts a
+                                    WHERE a.id = c.attempt_id AND a.event_id = e.id
+                                      AND a.finished_at IS NULL)
                    THEN true ELSE false END
-        ORDER BY id
-        FOR NO KEY UPDATE SKIP LOCKED
+        ORDER BY e.id
+        FOR NO KEY UPDATE OF e SKIP LOCKED
         "#,
         &ids,
         worker_id,
+        &attempts,
+        &attempt_ids,
     )
     .fetch_all(conn)
     .await?;
-    let held = rows.into_iter().filter_map(|row| {
-        let this_attempt = events
-            .iter()
-            .any(|e| e.id == row.id && e.attempt == row.attempts);
-        this_attempt.then_some(row.id)
-    });
     Ok(held.into_iter().collect())
 }
 
@@ -292,7 +298,14 @@ pub async fn rescue_expired(pool: &PgPool, max_attempts: i32) -> Result<u64, sql
 /// At shutdown, hands back what this worker could not finish in its grace
 /// period. Rows still locked by an unfinished transaction are skipped: their
 /// lease expires and rescue takes them.
-pub async fn release(pool: &PgPool, worker_id: &str) -> Result<u64, sqlx::Error> {
+///
+/// The attempt counts (its handler may have acted), so an event released on
+/// its last attempt ends `dead`, as a rescued one does.
+pub async fn release(
+    pool: &PgPool,
+    worker_id: &str,
+    max_attempts: i32,
+) -> Result<u64, sqlx::Error> {
     let result = sqlx::query!(
         r#"
         WITH mine AS (
@@ -301,17 +314,21 @@ pub async fn release(pool: &PgPool, worker_id: &str) -> Result<u64, sqlx::Error>
             FOR UPDATE SKIP LOCKED
         ), released AS (
             UPDATE inbox_events e
-            SET status = 'retrying', next_attempt_at = now(), locked_by = NULL, locked_until = NULL,
+            SET status = CASE WHEN e.attempts >= $2 THEN 'dead' ELSE 'retrying' END,
+                processed_at = CASE WHEN e.attempts >= $2 THEN now() END,
+                next_attempt_at = now(), locked_by = NULL, locked_until = NULL,
                 last_error = 'released: the worker stopped before the handler finished'
             FROM mine WHERE e.id = mine.id
-            RETURNING e.id, e.attempts
+            RETURNING e.id, e.attempts, e.status
         )
         UPDATE inbox_attempts a
-        SET finished_at = now(), outcome = 'retry', error = 'released: the worker stopped before the handler finished'
+        SET finished_at = now(), outcome = CASE WHEN released.status = 'dead' THEN 'dead' ELSE 'retry' END,
+            error = 'released: the worker stopped before the handler finished'
         FROM released
         WHERE a.event_id = released.id AND a.attempt = released.attempts AND a.finished_at IS NULL
         "#,
         worker_id,
+        max_attempts,
     )
     .execute(pool)
     .await?;

@@ -847,3 +847,68 @@ async fn pruning_reads_each_row_about_once_not_once_per_batch() {
     let read = read_after - read_before;
     assert!(read < 3 * ROWS, "pruning {ROWS} rows read {read} rows");
 }
+
+/// The connection to PostgreSQL breaks while a batch's COMMIT is still being
+/// made (here: a deferred trigger takes two seconds). The receiver must not
+/// answer 503 for a batch that commits after it asked: it finds out how that
+/// transaction ended (ending it first if it is still running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_during_commit_never_leaves_a_503_for_a_stored_event() {
+    let db = database().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON inbox_events
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let options: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
+    let mut forwarder =
+        Forwarder::start(&format!("{}:{}", options.get_host(), options.get_port())).await;
+    let through_forwarder = TestDb {
+        url: format!(
+            "postgres://{}@127.0.0.1:{}/{}",
+            options.get_username(),
+            forwarder.port,
+            options.get_database().unwrap()
+        ),
+        pool: db.pool.clone(),
+    };
+    assert_ne!(through_forwarder.url, db.url);
+    let app = TestApp::spawn_on(
+        through_forwarder,
+        &keyed_by_uid(ONE_BATCH).replace("request_timeout = \"2s\"", "request_timeout = \"10s\""),
+        &[("BEGINI_API_KEY", BEGINI_KEY)],
+    )
+    .await;
+    let body = with_uid(&unique_uid());
+
+    let send = app.post_signed("begini", &body);
+    let cut = async {
+        // The COMMIT is now waiting for the deferred trigger.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        forwarder.cut();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        forwarder.restore().await;
+    };
+    let (answer, ()) = tokio::join!(send, cut);
+    // Whatever that transaction was going to do, it has done by now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM inbox_events WHERE payload_sha256 = $1")
+            .bind(hookbox::event_key::sha256_hex(&body))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    match answer.status {
+        200 => assert_eq!(stored, 1),
+        503 => assert_eq!(
+            stored, 0,
+            "a 503 was answered for an event stored after all"
+        ),
+        other => panic!("unexpected status {other}"),
+    }
+}

@@ -699,3 +699,53 @@ async fn importing_1000_events_of_which_300_are_stored_adds_exactly_700() {
     );
     assert!(String::from_utf8_lossy(&output.stderr).contains("line 2: payload is not valid JSON"));
 }
+
+/// A receiver recording a duplicate delivery of a dead event holds a key-share
+/// lock on it; a replay that names the event waits for that moment instead of
+/// skipping it (and reporting fewer events than it was asked for).
+#[tokio::test]
+async fn replay_waits_for_a_duplicate_being_recorded_and_replays_every_named_event() {
+    let app = TestApp::begini().await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let body = begini_payload(&unique_uid(), "application.complete");
+        ids.push(app.post_signed("begini", &body).await.event_id());
+    }
+    sqlx::query("UPDATE inbox_events SET status = 'dead', processed_at = now() WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+
+    // A duplicate of the first, being recorded: the delivery row's foreign key
+    // holds the event until this transaction ends.
+    let mut receiver = app.db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO inbox_deliveries (source, outcome, event_id, status_code) VALUES ('begini', 'duplicate', $1, 200)",
+    )
+    .bind(ids[0])
+    .execute(&mut *receiver)
+    .await
+    .unwrap();
+    let request = hookbox::ops::replay::ReplayRequest {
+        ids: ids.clone(),
+        filter: Default::default(),
+        include_succeeded: false,
+        reason: "downstream fixed".into(),
+        actor: "ops".into(),
+        batch_size: 10,
+    };
+    let replay = hookbox::ops::replay::replay(&app.db.pool, &request, |_| {});
+    let commit = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        receiver.commit().await.unwrap();
+    };
+    let (report, ()) = tokio::join!(replay, commit);
+
+    assert_eq!(report.unwrap().replayed, 2);
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox_events WHERE status = 'pending'")
+            .await,
+        2
+    );
+}

@@ -1062,3 +1062,153 @@ async fn an_attempt_that_never_started_does_not_count_against_max_attempts() {
     assert_eq!(attempts, 0, "the attempt that never started is not counted");
     assert_eq!(attempt_outcomes(&setup.db, waiting).await, ["retry"]);
 }
+
+/// Follows a script per event type: on its n-th call for that type, sleeps
+/// for the step's milliseconds, then succeeds or fails (retryably).
+struct Scripted(
+    Mutex<std::collections::HashMap<String, usize>>,
+    Vec<(&'static str, Vec<(u64, bool)>)>,
+);
+
+impl Scripted {
+    fn new(script: Vec<(&'static str, Vec<(u64, bool)>)>) -> Self {
+        Self(Mutex::default(), script)
+    }
+}
+
+#[async_trait]
+impl Handler for Scripted {
+    async fn handle(&self, event: &Event, _: &mut PgConnection) -> Result<(), HandlerError> {
+        let kind = event.event_type.clone().unwrap_or_default();
+        let call = {
+            let mut calls = self.0.lock().unwrap();
+            let call = calls.entry(kind.clone()).or_default();
+            *call += 1;
+            *call - 1
+        };
+        let steps = &self.1.iter().find(|(k, _)| *k == kind).unwrap().1;
+        let (pause, succeeds) = steps.get(call).copied().unwrap_or((0, true));
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if succeeds {
+            Ok(())
+        } else {
+            Err(HandlerError::retryable("scripted failure"))
+        }
+    }
+}
+
+/// A stale completion of the same worker (its lease on `taken.over` was lost
+/// and the event claimed again) must not lock the newer claim's row: the newer
+/// claim's careful path would skip it as "lease lost" and drop its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_careful_completion_never_locks_the_newer_claim_of_its_event() {
+    let library = LibraryHandlers::default().with(
+        "scripted",
+        Scripted::new(vec![
+            // 1st: the stale claim's run; 2nd: the newer claim fails first,
+            // so it completes the careful way; 3rd: that careful run.
+            ("taken.over", vec![(1000, true), (700, false), (0, true)]),
+            // Sends the stale batch the careful way, then keeps its
+            // transaction open while the newer claim completes.
+            ("slow.neighbour", vec![(0, false), (1500, true)]),
+        ]),
+    );
+    let setup = setup_with(
+        "[[route]]\nsource = \"begini\"\nhandler = \"scripted\"\n[handler.scripted]\nkind = \"library\"\n",
+        library,
+    )
+    .await;
+    let taken = store_event(&setup.db, "taken.over").await;
+    let neighbour = store_event(&setup.db, "slow.neighbour").await;
+
+    let stale = setup.worker.process_next();
+    let newer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The stale claim's lease on `taken.over` runs out; rescue hands it back.
+        sqlx::query(
+            "UPDATE inbox_events SET locked_until = now() - interval '1 second' WHERE id = $1",
+        )
+        .bind(taken)
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(setup.worker.rescue_expired_leases().await.unwrap(), 1);
+        sqlx::query("UPDATE inbox_events SET next_attempt_at = now() WHERE id = $1")
+            .bind(taken)
+            .execute(&setup.db.pool)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        setup.worker.process_next().await.unwrap()
+    };
+    let (stale, newer) = tokio::join!(stale, newer);
+
+    assert_eq!(
+        newer,
+        [Processed::Recorded(hookbox::AttemptOutcome::Succeeded)]
+    );
+    assert_eq!(
+        stale.unwrap(),
+        [
+            Processed::LeaseLost,
+            Processed::Recorded(hookbox::AttemptOutcome::Succeeded)
+        ]
+    );
+    assert_eq!(status_of(&setup.db, taken).await, "succeeded");
+    assert_eq!(
+        attempt_outcomes(&setup.db, taken).await,
+        ["lease_expired", "succeeded"]
+    );
+    assert_eq!(status_of(&setup.db, neighbour).await, "succeeded");
+}
+
+/// Never finishes in time for a shutdown.
+struct Hangs;
+
+#[async_trait]
+impl Handler for Hangs {
+    async fn handle(&self, _: &Event, _: &mut PgConnection) -> Result<(), HandlerError> {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok(())
+    }
+}
+
+/// An event released at shutdown on its last attempt has used its attempts:
+/// it ends `dead` like a rescued one, never comes back as an attempt beyond
+/// `max_attempts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_released_on_its_last_attempt_ends_dead_and_never_exceeds_max_attempts() {
+    let library = LibraryHandlers::default().with("hangs", Hangs);
+    let text = worker_config(
+        "[[route]]\nsource = \"begini\"\nhandler = \"hangs\"\n[handler.hangs]\nkind = \"library\"\n",
+    )
+    .replace("poll_interval", "shutdown_grace = \"300ms\"\npoll_interval");
+    let setup = setup_from(&text, library).await;
+    let id = store_event(&setup.db, "application.complete").await;
+    // Two attempts already spent (max_attempts = 3).
+    sqlx::query("UPDATE inbox_events SET attempts = 2, status = 'retrying' WHERE id = $1")
+        .bind(id)
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(setup.worker.run(shutdown.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_of(&setup.db, id).await != "processing" {
+        assert!(Instant::now() < deadline, "the event was never claimed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    assert_eq!(status_of(&setup.db, id).await, "dead");
+    assert_eq!(
+        scalar(
+            &setup.db,
+            &format!("SELECT attempts::int8 FROM inbox_events WHERE id = '{id}'")
+        )
+        .await,
+        3
+    );
+}
