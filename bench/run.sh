@@ -7,14 +7,16 @@
 # (c) worker drain of 200,000 stored events through a sql handler inserting a row each
 # (d) end-to-end latency, 200 -> handler start, at 1,000 events/s offered
 # (e) peak RSS of the receiver and the worker
+# (o) the same drain as (c) with per-key ordering on, 10,000 keys; its ratio to (c)
+# (k) one hot key: 5,000 ordered events of one key, commit -> next start per event
 # PROFILE=1 also samples the whole machine with perf during (b), (c) and (d) and
 # prints each process's share of the CPU and the hottest symbols.
-# PHASES=d (any of a, b, c, d; default abdc) runs only those phases.
+# PHASES=d (any of a, b, c, d, o, k; default abdcok) runs only those phases.
 # pg_stat_statements is loaded, so (c) and (d) print what each statement costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
-phases=${PHASES:-abdc}
+phases=${PHASES:-abdcok}
 events=${EVENTS:-200000}    # (c)'s backlog
 cargo build --release --bins --quiet
 bin=$PWD/target/release
@@ -164,23 +166,65 @@ kill "$worker"; wait "$worker" 2>/dev/null || true
 profile_report e2e
 fi
 
+# drain LABEL ORDERING_KEYS: stores $events events (with an ordering key out of
+# ORDERING_KEYS keys, or none for 0), starts a worker, waits until every event is
+# done; prints the rate and sets $rate.
+drain() {
+    reset
+    # Received one after another (due in that order), as a receiver stores them.
+    psql -c "INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256,
+                                       received_at, next_attempt_at, ordering_key, ordered_at, ordering_seq, dead_blocks, skip_if_stale)
+             SELECT gen_random_uuid(), 'begini', 'sandbox', 'k' || g, 'psychometric_score.complete', convert_to(p, 'UTF8'), p::jsonb, '{}', md5(p),
+                    now() - ($events - g) * interval '1 microsecond', now() - ($events - g) * interval '1 microsecond',
+                    CASE WHEN $2 > 0 THEN 'U' || (g % $2) END, CASE WHEN $2 > 0 THEN now() + g * interval '1 microsecond' END,
+                    CASE WHEN $2 > 0 THEN g END, CASE WHEN $2 > 0 THEN true END, CASE WHEN $2 > 0 THEN false END
+             FROM generate_series(1, $events) g, LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"psychometric_score.complete\"}}', g) AS p) x"
+    psql -c "VACUUM ANALYZE inbox_events"
+    psql -At -c "SELECT pg_stat_statements_reset()" >/dev/null
+    start=$(date +%s.%N)
+    "$bin/hookbox-worker" 2>/dev/null & worker=$!
+    profile "$1" 5
+    while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.2; done
+    end=$(date +%s.%N)
+    rate=$(python3 -c "print(f'{$events / ($end - $start):.0f}')")
+    echo "  drained $events events in $(python3 -c "print(f'{$end - $start:.1f}')")s: $rate events/s"
+    echo "  side effects: $(psql -At -c "SELECT count(*) || ' rows, ' || count(DISTINCT event_id) || ' distinct' FROM side_effects")"
+    echo "  worker peak RSS: $(peak_rss "$worker")"
+    echo "  database time per drained event, by statement (pg_stat_statements):"
+    statement_costs "$events"
+    kill "$worker"; wait "$worker" 2>/dev/null || true
+    profile_report "$1"
+}
+
 if phase c; then
 echo "== (c) worker drain: $events stored events through a sql handler"
-reset
-psql -c "INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256)
-         SELECT gen_random_uuid(), 'begini', 'sandbox', 'k' || g, 'psychometric_score.complete', convert_to(p, 'UTF8'), p::jsonb, '{}', md5(p)
-         FROM generate_series(1, $events) g, LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"psychometric_score.complete\"}}', g) AS p) x"
-psql -c "VACUUM ANALYZE inbox_events"
-psql -At -c "SELECT pg_stat_statements_reset()" >/dev/null
-start=$(date +%s.%N)
-"$bin/hookbox-worker" 2>/dev/null & worker=$!
-profile drain 5
-while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.2; done
-end=$(date +%s.%N)
-echo "  drained $events events in $(python3 -c "print(f'{$end - $start:.1f}')")s: $(python3 -c "print(f'{$events / ($end - $start):.0f}')") events/s"
-echo "  side effects: $(psql -At -c "SELECT count(*) || ' rows, ' || count(DISTINCT event_id) || ' distinct' FROM side_effects")"
-echo "  worker peak RSS: $(peak_rss "$worker")"
-echo "  database time per drained event, by statement (pg_stat_statements):"
-statement_costs "$events"
-profile_report drain
+drain drain 0
+unordered_rate=$rate
+fi
+
+if phase o; then
+echo "== (o) worker drain with per-key ordering: $events stored events over 10,000 keys"
+drain ordered 10000
+if [ -n "${unordered_rate:-}" ]; then
+    echo "  ordered / unordered drain, same run: $(python3 -c "print(f'{$rate / $unordered_rate:.2f}')")"
+fi
+# Order held: for every key, side effects in the order of ordered_at.
+echo "  keys whose side effects are out of order: $(psql -At -c "SELECT count(*) FROM (
+        SELECT e.ordering_key, s.at, lag(e.ordered_at) OVER (PARTITION BY e.ordering_key ORDER BY s.at, e.ordered_at) AS before, e.ordered_at
+        FROM side_effects s JOIN inbox_events e ON e.id = s.event_id) x WHERE before > ordered_at")"
+fi
+
+if phase k; then
+echo "== (k) one hot key: 5,000 ordered events of one key, the commit of one -> the start of the next"
+events_before=$events
+events=5000
+drain hotkey 1
+events=$events_before
+# finished_at is taken in the completing transaction, just before its COMMIT:
+# the gaps below include that COMMIT, so they over-state commit -> start.
+psql -At -c "SELECT format('  finished -> next started (ms): p50 %s  p90 %s  p99 %s  max %s  (%s gaps)',
+        round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(percentile_cont(0.9) WITHIN GROUP (ORDER BY ms)::numeric, 2),
+        round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(max(ms)::numeric, 2), count(*))
+    FROM (SELECT extract(epoch FROM a.started_at - lag(a.finished_at) OVER (ORDER BY e.ordered_at)) * 1000 AS ms
+          FROM inbox_events e JOIN inbox_attempts a ON a.event_id = e.id AND a.attempt = 1) gaps WHERE ms IS NOT NULL"
 fi

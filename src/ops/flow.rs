@@ -89,19 +89,19 @@ pub async fn skip(
     )
     .await?;
     let error = format!("skipped by {actor}: {reason}");
-    let skipped = sqlx::query_scalar!(
+    let skipped = sqlx::query!(
         r#"
         WITH skipped AS (
             UPDATE inbox_events
             SET status = 'skipped', processed_at = now(), last_error = $2
             WHERE id = ANY($1) AND status IN ('pending', 'retrying', 'dead')
-            RETURNING id
+            RETURNING id, source, ordering_key
         ), linked AS (
             INSERT INTO inbox_action_events (action_id, event_id)
             SELECT $3, id FROM skipped
             RETURNING event_id
         )
-        SELECT event_id AS "id!" FROM linked
+        SELECT s.id, s.source, s.ordering_key FROM skipped s JOIN linked l ON l.event_id = s.id
         "#,
         ids,
         error,
@@ -109,6 +109,17 @@ pub async fn skip(
     )
     .fetch_all(&mut *transaction)
     .await?;
+    let (sources, keys): (Vec<String>, Vec<String>) = skipped
+        .iter()
+        .filter_map(|row| Some((row.source.clone(), row.ordering_key.clone()?)))
+        .unzip();
+    if !keys.is_empty() {
+        // Their keys' next events, if a claim set them aside, are due now.
+        sqlx::query!("SELECT inbox_wake_next($1, $2)", &sources, &keys)
+            .execute(&mut *transaction)
+            .await?;
+    }
+    let skipped: Vec<Uuid> = skipped.into_iter().map(|row| row.id).collect();
     add_affected(&mut transaction, action_id, skipped.len() as i64).await?;
     // The next event of each released key may now start.
     sqlx::query!("SELECT pg_notify('hookbox_events', '')")

@@ -205,7 +205,7 @@ pub async fn finish(
         .map(|f| f.retry_in.map(|d| d.as_secs_f64()))
         .collect();
     let not_started: Vec<bool> = finishes.iter().map(|f| f.not_started).collect();
-    let result = sqlx::query!(
+    let finished = sqlx::query!(
         r#"
         WITH outcome AS (
             SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[],
@@ -237,12 +237,14 @@ pub async fn finish(
                                         WHERE a.id = o.attempt_id AND a.event_id = e.id
                                           AND a.finished_at IS NULL)
                        THEN true ELSE false END
-            RETURNING e.id
+            RETURNING e.id, e.source, e.ordering_key,
+                      e.status IN ('succeeded', 'skipped') OR (e.status = 'dead' AND NOT e.dead_blocks) AS frees_key
         )
         UPDATE inbox_attempts a
         SET finished_at = at.t, outcome = o.attempt_outcome, handler = o.handler, error = o.error
         FROM outcome o JOIN event ON event.id = o.event_id, at
         WHERE a.id = o.attempt_id
+        RETURNING event.source, event.ordering_key, event.frees_key
         "#,
         &ids,
         &attempt_ids,
@@ -255,9 +257,31 @@ pub async fn finish(
         worker_id,
         &not_started,
     )
-    .execute(conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(result.rows_affected() as usize)
+    let (sources, keys): (Vec<String>, Vec<String>) = finished
+        .iter()
+        .filter(|row| row.frees_key == Some(true))
+        .filter_map(|row| Some((row.source.clone(), row.ordering_key.clone()?)))
+        .unzip();
+    if !keys.is_empty() {
+        wake_next(conn, &sources, &keys).await?;
+    }
+    Ok(finished.len())
+}
+
+/// Makes the next event of each key due at once, if a claim had set it aside
+/// while it waited (migrations/V9): what frees a key calls this after its
+/// change, in the same transaction.
+async fn wake_next(
+    conn: &mut PgConnection,
+    sources: &[String],
+    keys: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query!("SELECT inbox_wake_next($1, $2)", sources, keys)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Expired leases: the worker died or hung. The event becomes due again, or
