@@ -2,7 +2,8 @@
 # One run of hookbox's benchmarks on this machine, against a private PostgreSQL
 # cluster (fsync on): prints the figures for BENCHMARKS.md.
 #   bash bench/run.sh [SECONDS]      (each timed phase runs SECONDS, default 30)
-# (a) the ceiling: pgbench doing what a naive receiver does per event, 16 and 64 clients
+# (a) the ceiling: pgbench doing what a naive receiver does per event, 16 and 64 clients,
+#     and the batched limit: 32 events per transaction, 4 clients
 # (b) receiver ingest with hookbox loadtest, 64 connections
 # (c) worker drain of 200,000 stored events through a sql handler inserting a row each
 # (d) end-to-end latency, 200 -> handler start, at 1,000 events/s offered
@@ -119,6 +120,26 @@ phase a && for clients in 16 64; do
         | awk '/^tps/ {print $3; exit}')
     echo "pgbench $clients clients: $tps events/s"
 done
+# The batched limit: every event batched perfectly, 32 events and their
+# delivery rows per transaction, 4 clients. What ingest is compared with.
+cat > "$work/batched.sql" <<SQL
+BEGIN;
+INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256)
+SELECT gen_random_uuid(), 'begini', 'sandbox', gen_random_uuid()::text, 'psychometric_score.complete',
+       convert_to('$payload', 'UTF8'), '$payload'::jsonb, '{}', md5(random()::text)
+FROM generate_series(1, 32)
+ON CONFLICT (source, event_key) DO NOTHING;
+INSERT INTO inbox_deliveries (source, remote_addr, outcome, payload_sha256, status_code)
+SELECT 'begini', '127.0.0.1', 'accepted', md5(random()::text), 200 FROM generate_series(1, 32);
+COMMIT;
+SQL
+if phase a; then
+    reset
+    tps=$(as_pg "$pg_bin/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -c 4 -j 2 -T "$seconds" -f "$work/batched.sql" postgres 2>/dev/null \
+        | awk '/^tps/ {print $3; exit}')
+    batched_rate=$(python3 -c "print(f'{$tps * 32:.0f}')")
+    echo "pgbench batched, 32 events per transaction, 4 clients: $batched_rate events/s"
+fi
 
 if phase b; then
 echo "== (b) receiver ingest: hookbox loadtest, 64 connections, ${seconds}s"
@@ -126,8 +147,12 @@ reset
 start_receiver
 profile ingest 10
 "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
-    --connections 64 --duration "${seconds}s" | sed 's/^/  /'
+    --connections 64 --duration "${seconds}s" | tee "$work/ingest.txt" | sed 's/^/  /'
 echo "  receiver peak RSS: $(peak_rss "$receiver")"
+if [ -n "${batched_rate:-}" ]; then
+    ingest_rate=$(grep -oE 'requests in [0-9.]+s: [0-9]+/s' "$work/ingest.txt" | head -1 | grep -oE '[0-9]+/s' | tr -d '/s')
+    [ -n "$ingest_rate" ] && echo "  ingest / batched-SQL limit, same run: $(python3 -c "print(f'{$ingest_rate / $batched_rate:.2f}')")"
+fi
 profile_report ingest
 fi
 
@@ -220,11 +245,14 @@ events_before=$events
 events=5000
 drain hotkey 1
 events=$events_before
-# finished_at is taken in the completing transaction, just before its COMMIT:
-# the gaps below include that COMMIT, so they over-state commit -> start.
-psql -At -c "SELECT format('  finished -> next started (ms): p50 %s  p90 %s  p99 %s  max %s  (%s gaps)',
+# From one event's finished_at (taken in its completing transaction, just
+# before the COMMIT) to the moment the next event's handler ran (its side
+# effect's clock_timestamp()): the COMMIT, the next claim and the handler's
+# start, so an upper bound of commit -> next start.
+psql -At -c "SELECT format('  finished -> next handler ran (ms): p50 %s  p90 %s  p99 %s  max %s  (%s gaps)',
         round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(percentile_cont(0.9) WITHIN GROUP (ORDER BY ms)::numeric, 2),
         round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2), round(max(ms)::numeric, 2), count(*))
-    FROM (SELECT extract(epoch FROM a.started_at - lag(a.finished_at) OVER (ORDER BY e.ordered_at)) * 1000 AS ms
-          FROM inbox_events e JOIN inbox_attempts a ON a.event_id = e.id AND a.attempt = 1) gaps WHERE ms IS NOT NULL"
+    FROM (SELECT extract(epoch FROM s.at - lag(a.finished_at) OVER (ORDER BY e.ordered_at)) * 1000 AS ms
+          FROM inbox_events e JOIN inbox_attempts a ON a.event_id = e.id AND a.attempt = 1
+          JOIN side_effects s ON s.event_id = e.id) gaps WHERE ms IS NOT NULL"
 fi

@@ -5,10 +5,42 @@
 -- of them (each one "is anything of its key ahead of me?") to find the one
 -- that may run: tens of milliseconds between one event of the key and the
 -- next. Now a claim that finds fewer events than it asked for moves the
--- waiting ones' next_attempt_at a few seconds ahead, and the completion that
--- frees a key makes the next event of that key due at once.
+-- waiting ones' next_attempt_at 10 s ahead (all but the first two of each
+-- key), and the completion that frees a key makes its next ones due at once.
 --
 -- Locks: replaces a function; no table is touched.
+
+-- Sets aside (next_attempt_at 10 s ahead) the due ordered events of
+-- p_sources that wait behind at least two unfinished events of their key.
+-- The first two of a key are never set aside: when the first finishes, the
+-- second is already due, and the wake (inbox_wake_next) makes the new second
+-- due in the same transaction; a park working from a snapshot taken before
+-- that completion committed can only set aside an event that is then second,
+-- never the one that may run. Row locks are NO KEY UPDATE and skip what is
+-- locked, so a receiver recording a duplicate (a key-share lock) never waits.
+-- Paused sources are left alone: nothing of theirs is claimed anyway.
+CREATE FUNCTION inbox_park_waiting(p_sources text[]) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE inbox_events e
+    SET next_attempt_at = clock_timestamp() + interval '10 seconds'
+    -- By primary key (= ANY of an array), never a join against a scan of the table.
+    WHERE e.id = ANY(ARRAY(
+        SELECT w.id FROM inbox_events w
+        WHERE w.status = 'pending' AND w.next_attempt_at <= now()
+          AND w.ordering_key IS NOT NULL AND w.source = ANY(p_sources)
+          AND NOT EXISTS (SELECT 1 FROM inbox_pauses p WHERE p.kind = 'source' AND p.name = w.source)
+          -- Probes of the ordering index, one per event (written as EXISTS,
+          -- the planner may hash a hot key's events against each other).
+          AND w.id <> ALL (ARRAY(
+              SELECT p.id FROM inbox_events p
+              WHERE p.source = w.source AND p.ordering_key = w.ordering_key
+                AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
+              ORDER BY p.ordered_at, p.ordering_seq
+              LIMIT 2))
+        ORDER BY w.next_attempt_at, w.id
+        LIMIT 10000
+        FOR NO KEY UPDATE SKIP LOCKED));
+$$;
 
 CREATE OR REPLACE FUNCTION inbox_claim(
     p_worker          text,
@@ -63,44 +95,26 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM inbox_pauses p WHERE p.kind = 'source' AND p.name = e.source)
           AND (route.handler IS NULL OR NOT EXISTS (
                   SELECT 1 FROM inbox_pauses p WHERE p.kind = 'handler' AND p.name = route.handler))
-          AND (e.ordering_key IS NULL OR NOT EXISTS (
-                  SELECT 1 FROM inbox_events p
-                  WHERE p.source = e.source AND p.ordering_key = e.ordering_key AND p.id <> e.id
-                    AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
-                    AND (p.status = 'processing'
-                         OR (p.ordered_at, p.ordering_seq) < (e.ordered_at, e.ordering_seq))))
+          -- Nothing of its key ahead of it unfinished, nothing of its key in
+          -- flight: two probes, each the first entry of an index range (the
+          -- ordering index, the one-in-flight index), however many of the key
+          -- wait behind it.
+          AND (e.ordering_key IS NULL OR (
+                  NOT EXISTS (
+                      SELECT 1 FROM inbox_events p
+                      WHERE p.source = e.source AND p.ordering_key = e.ordering_key
+                        AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
+                        AND (p.ordered_at, p.ordering_seq) < (e.ordered_at, e.ordering_seq))
+                  AND NOT EXISTS (
+                      SELECT 1 FROM inbox_events p
+                      WHERE p.source = e.source AND p.ordering_key = e.ordering_key AND p.status = 'processing')))
         ORDER BY e.next_attempt_at, e.id
         LIMIT p_limit
         FOR UPDATE OF e SKIP LOCKED
     ) c;
 
-    -- 1b. Fewer candidates than asked for: the scan above went through every
-    -- due event, including the ordered ones waiting behind another event of
-    -- their key, and the next claim would again. Those are set aside for a
-    -- few seconds; the completion that frees their key makes the next one due
-    -- at once (see queue::finish, `hookbox skip`), so this costs them nothing.
-    -- The few seconds only matter when a key is freed some other way.
-    IF cardinality(candidate_ids) < p_limit THEN
-        UPDATE inbox_events e
-        SET next_attempt_at = clock_timestamp() + interval '10 seconds'
-        WHERE e.id IN (
-            SELECT w.id FROM inbox_events w
-            WHERE w.status = 'pending' AND w.next_attempt_at <= now()
-              AND w.ordering_key IS NOT NULL AND w.source = ANY(p_sources)
-              -- Not the first unfinished event of its key (one probe of the
-              -- ordering index each; written as EXISTS, the planner may hash
-              -- all of a hot key's events against each other).
-              AND w.id <> (
-                  SELECT p.id FROM inbox_events p
-                  WHERE p.source = w.source AND p.ordering_key = w.ordering_key
-                    AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
-                  ORDER BY p.ordered_at, p.ordering_seq
-                  LIMIT 1)
-            ORDER BY w.next_attempt_at, w.id
-            LIMIT 10000
-            FOR UPDATE SKIP LOCKED);
-    END IF;
     IF cardinality(candidate_ids) = 0 THEN
+        PERFORM inbox_park_waiting(p_sources);
         RETURN;
     END IF;
 
@@ -182,10 +196,12 @@ BEGIN
                           WHERE k.source = e.source AND k.ordering_key = e.ordering_key)
                   AND NOT EXISTS (
                       SELECT 1 FROM inbox_events p
-                      WHERE p.source = e.source AND p.ordering_key = e.ordering_key AND p.id <> e.id
+                      WHERE p.source = e.source AND p.ordering_key = e.ordering_key
                         AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
-                        AND (p.status = 'processing'
-                             OR (p.ordered_at, p.ordering_seq) < (e.ordered_at, e.ordering_seq)))))
+                        AND (p.ordered_at, p.ordering_seq) < (e.ordered_at, e.ordering_seq))
+                  AND NOT EXISTS (
+                      SELECT 1 FROM inbox_events p
+                      WHERE p.source = e.source AND p.ordering_key = e.ordering_key AND p.status = 'processing')))
     ), admitted AS (
         SELECT c.id, c.handler, c.stale
         FROM (SELECT c.*, row_number() OVER (PARTITION BY c.handler ORDER BY c.position) AS n
@@ -224,21 +240,31 @@ BEGIN
     SELECT c.id, c.source, c.event_key, c.event_type, c.attempts, c.payload, c.payload_json,
            a.id, c.handler, c.stale
     FROM claimed c JOIN attempt a ON a.event_id = c.id;
+
+    -- Fewer candidates than asked for: the scan of step 1 went through every
+    -- due event, including those waiting behind another event of their key,
+    -- and the next claim would again. Set them aside; last, so that this
+    -- claim waits for nothing while it holds their row locks.
+    IF cardinality(candidate_ids) < p_limit THEN
+        PERFORM inbox_park_waiting(p_sources);
+    END IF;
 END;
 $$;
 
--- Makes the next event of each given key due now, if it was set aside:
--- called by whatever frees a key (a completion, `hookbox skip`) in its own
--- transaction, after its change.
+-- Makes the first two unfinished events of each given key due now, if they
+-- were set aside: called by whatever frees a key (a completion, `hookbox
+-- skip`) in its own transaction, after its change.
 CREATE FUNCTION inbox_wake_next(p_sources text[], p_keys text[]) RETURNS void
 LANGUAGE sql AS $$
     UPDATE inbox_events n SET next_attempt_at = clock_timestamp()
-    FROM (SELECT DISTINCT k.source, k.ordering_key
-          FROM unnest(p_sources, p_keys) AS k(source, ordering_key)) k
-    WHERE n.id = (SELECT o.id FROM inbox_events o
-                  WHERE o.source = k.source AND o.ordering_key = k.ordering_key
-                    AND (o.status IN ('pending', 'processing', 'retrying') OR (o.status = 'dead' AND o.dead_blocks))
-                  ORDER BY o.ordered_at, o.ordering_seq
-                  LIMIT 1)
+    WHERE n.id = ANY(ARRAY(
+            SELECT first.id
+            FROM (SELECT DISTINCT k.source, k.ordering_key
+                  FROM unnest(p_sources, p_keys) AS k(source, ordering_key)) k,
+            LATERAL (SELECT o.id FROM inbox_events o
+                     WHERE o.source = k.source AND o.ordering_key = k.ordering_key
+                       AND (o.status IN ('pending', 'processing', 'retrying') OR (o.status = 'dead' AND o.dead_blocks))
+                     ORDER BY o.ordered_at, o.ordering_seq
+                     LIMIT 2) first))
       AND n.status = 'pending' AND n.next_attempt_at > clock_timestamp();
 $$;

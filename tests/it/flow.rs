@@ -565,15 +565,15 @@ async fn a_worker_whose_configuration_lacks_a_source_leaves_its_events_for_one_t
 }
 
 /// A claim that finds fewer events than it asked for sets aside the events
-/// waiting behind another of their key (later claims need not walk them
-/// again), and each completion makes its key's next event due at once.
+/// waiting behind two others of their key (later claims need not walk them
+/// again), and each completion makes its key's next ones due at once.
 #[tokio::test]
 async fn events_waiting_for_their_key_are_set_aside_and_the_next_is_due_when_the_key_frees() {
     let (app, text) = ordered_app("", SQL_HANDLER).await;
     let worker = in_process_worker(&app, &text);
     let uid = unique_uid();
     let mut ids = Vec::new();
-    for seq in 0..3 {
+    for seq in 0..4 {
         ids.push(deliver(&app, &event(&uid, seq, "")).await);
     }
     let due = |id: Uuid| {
@@ -591,14 +591,15 @@ async fn events_waiting_for_their_key_are_set_aside_and_the_next_is_due_when_the
 
     assert_eq!(worker.process_next().await.unwrap().len(), 1);
     assert_eq!(recorded_seqs(&app, &uid).await, [0]);
+    assert!(due(ids[1]).await, "the key's next event is never set aside");
     assert!(
-        due(ids[1]).await,
-        "the key's next event is due as soon as the first is done"
+        due(ids[2]).await,
+        "the one after it is due once the first is done"
     );
-    assert!(!due(ids[2]).await, "the event behind it waits aside");
+    assert!(!due(ids[3]).await, "the events further back wait aside");
 
     assert_eq!(worker.process_next().await.unwrap().len(), 1);
-    assert!(due(ids[2]).await);
-    assert_eq!(worker.process_next().await.unwrap().len(), 1);
-    assert_eq!(recorded_seqs(&app, &uid).await, [0, 1, 2]);
+    assert!(due(ids[3]).await);
+    drain(&worker).await;
+    assert_eq!(recorded_seqs(&app, &uid).await, [0, 1, 2, 3]);
 }
