@@ -19,8 +19,13 @@ cd "$(dirname "$0")/.."
 seconds=${1:-30}
 phases=${PHASES:-abdcok}
 events=${EVENTS:-200000}    # (c)'s backlog
-cargo build --release --bins --quiet
-bin=$PWD/target/release
+# BIN_DIR=path runs binaries built elsewhere (another commit, for an A/B).
+if [ -n "${BIN_DIR:-}" ]; then
+    bin=$BIN_DIR
+else
+    cargo build --release --bins --quiet
+    bin=$PWD/target/release
+fi
 
 # The real directory (a PATH entry may be a symlink), where pgbench lives too.
 pg_bin=$(dirname "$(readlink -f "$(command -v initdb 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")")

@@ -5,12 +5,12 @@
 -- of them (each one "is anything of its key ahead of me?") to find the one
 -- that may run: tens of milliseconds between one event of the key and the
 -- next. Now a claim that finds fewer events than it asked for moves the
--- waiting ones' next_attempt_at 10 s ahead (all but the first two of each
+-- waiting ones' next_attempt_at 10 s to a minute ahead (all but the first two of each
 -- key), and the completion that frees a key makes its next ones due at once.
 --
 -- Locks: replaces a function; no table is touched.
 
--- Sets aside (next_attempt_at 10 s ahead) the due ordered events of
+-- Sets aside (next_attempt_at 10 s to a minute ahead) the due ordered events of
 -- p_sources that wait behind at least two unfinished events of their key.
 -- The first two of a key are never set aside: when the first finishes, the
 -- second is already due, and the wake (inbox_wake_next) makes the new second
@@ -22,7 +22,10 @@
 CREATE FUNCTION inbox_park_waiting(p_sources text[]) RETURNS void
 LANGUAGE sql AS $$
     UPDATE inbox_events e
-    SET next_attempt_at = clock_timestamp() + interval '10 seconds'
+    -- As long as it has waited so far, from 10 s up to a minute: a key with a
+    -- long queue is not walked again every few seconds.
+    SET next_attempt_at = clock_timestamp()
+        + least(interval '1 minute', greatest(interval '10 seconds', clock_timestamp() - e.received_at))
     -- By primary key (= ANY of an array), never a join against a scan of the table.
     WHERE e.id = ANY(ARRAY(
         SELECT w.id FROM inbox_events w
@@ -59,7 +62,12 @@ CREATE OR REPLACE FUNCTION inbox_claim(
 ) RETURNS TABLE (
     id uuid, source text, event_key text, event_type text, attempts integer,
     payload bytea, payload_json jsonb, attempt_id bigint, handler text, stale boolean
-) LANGUAGE plpgsql AS $$
+) LANGUAGE plpgsql
+-- A claim is a short statement whose estimated cost can still pass
+-- jit_above_cost (a hot key's queue): compiling it would cost more than
+-- running it, at every call.
+SET jit = off
+AS $$
 #variable_conflict use_column
 DECLARE
     candidate_ids      uuid[];
@@ -95,16 +103,18 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM inbox_pauses p WHERE p.kind = 'source' AND p.name = e.source)
           AND (route.handler IS NULL OR NOT EXISTS (
                   SELECT 1 FROM inbox_pauses p WHERE p.kind = 'handler' AND p.name = route.handler))
-          -- Nothing of its key ahead of it unfinished, nothing of its key in
-          -- flight: two probes, each the first entry of an index range (the
-          -- ordering index, the one-in-flight index), however many of the key
-          -- wait behind it.
+          -- The first unfinished event of its key, and nothing of its key in
+          -- flight: two probes, each the first entry of an index (the ordering
+          -- index in key order, the one-in-flight index), however many of the
+          -- key wait behind it. (Written as "nothing earlier", the planner may
+          -- scan every event of a hot key for each candidate.)
           AND (e.ordering_key IS NULL OR (
-                  NOT EXISTS (
-                      SELECT 1 FROM inbox_events p
+                  e.id = (
+                      SELECT p.id FROM inbox_events p
                       WHERE p.source = e.source AND p.ordering_key = e.ordering_key
                         AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
-                        AND (p.ordered_at, p.ordering_seq) < (e.ordered_at, e.ordering_seq))
+                      ORDER BY p.ordered_at, p.ordering_seq
+                      LIMIT 1)
                   AND NOT EXISTS (
                       SELECT 1 FROM inbox_events p
                       WHERE p.source = e.source AND p.ordering_key = e.ordering_key AND p.status = 'processing')))
@@ -194,11 +204,12 @@ BEGIN
           AND (e.ordering_key IS NULL OR (
                   EXISTS (SELECT 1 FROM unnest(locked_sources, locked_keys) AS k(source, ordering_key)
                           WHERE k.source = e.source AND k.ordering_key = e.ordering_key)
-                  AND NOT EXISTS (
-                      SELECT 1 FROM inbox_events p
+                  AND e.id = (
+                      SELECT p.id FROM inbox_events p
                       WHERE p.source = e.source AND p.ordering_key = e.ordering_key
                         AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
-                        AND (p.ordered_at, p.ordering_seq) < (e.ordered_at, e.ordering_seq))
+                      ORDER BY p.ordered_at, p.ordering_seq
+                      LIMIT 1)
                   AND NOT EXISTS (
                       SELECT 1 FROM inbox_events p
                       WHERE p.source = e.source AND p.ordering_key = e.ordering_key AND p.status = 'processing')))
