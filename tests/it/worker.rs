@@ -1162,12 +1162,13 @@ async fn a_stale_careful_completion_never_locks_the_newer_claim_of_its_event() {
     assert_eq!(status_of(&setup.db, neighbour).await, "succeeded");
 }
 
-/// Never finishes in time for a shutdown.
-struct Hangs;
+/// Says that it started, then never finishes in time for a shutdown.
+struct Hangs(Arc<tokio::sync::Notify>);
 
 #[async_trait]
 impl Handler for Hangs {
     async fn handle(&self, _: &Event, _: &mut PgConnection) -> Result<(), HandlerError> {
+        self.0.notify_one();
         tokio::time::sleep(Duration::from_secs(60)).await;
         Ok(())
     }
@@ -1178,7 +1179,8 @@ impl Handler for Hangs {
 /// `max_attempts`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_released_on_its_last_attempt_ends_dead_and_never_exceeds_max_attempts() {
-    let library = LibraryHandlers::default().with("hangs", Hangs);
+    let started = Arc::new(tokio::sync::Notify::new());
+    let library = LibraryHandlers::default().with("hangs", Hangs(started.clone()));
     let text = worker_config(
         "[[route]]\nsource = \"begini\"\nhandler = \"hangs\"\n[handler.hangs]\nkind = \"library\"\n",
     )
@@ -1194,11 +1196,11 @@ async fn an_event_released_on_its_last_attempt_ends_dead_and_never_exceeds_max_a
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(setup.worker.run(shutdown.clone()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status_of(&setup.db, id).await != "processing" {
-        assert!(Instant::now() < deadline, "the event was never claimed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The handler has started: the attempt counts (a handler that had not
+    // started would be handed back uncounted).
+    tokio::time::timeout(Duration::from_secs(20), started.notified())
+        .await
+        .expect("the handler never started");
     shutdown.cancel();
     running.await.unwrap().unwrap();
 
