@@ -270,9 +270,9 @@ pub async fn finish(
     Ok(finished.len())
 }
 
-/// Makes the next event of each key due at once, if a claim had set it aside
-/// while it waited (migrations/V9): what frees a key calls this after its
-/// change, in the same transaction.
+/// Makes the first two unfinished events of each key due at once, if a claim
+/// had set them aside while they waited (migrations/V9): what frees a key
+/// calls this after its change, in the same transaction.
 async fn wake_next(
     conn: &mut PgConnection,
     sources: &[String],
