@@ -578,18 +578,20 @@ async fn after_prune_a_redelivery_is_still_answered_duplicate() {
     let dry = cli
         .ok(&["prune", "--older-than", "10ms", "--dry-run"])
         .await;
+    // (The second line names the partitions dropped whole: here the empty
+    // ones from before the database was made.)
     assert_eq!(
-        dry.trim(),
-        "would prune: 1 payloads, 0 deliveries, 0 attempts"
+        dry.lines().next(),
+        Some("would prune: 1 payloads, 0 deliveries, 0 attempts")
     );
     let pruned = cli
         .ok(&["prune", "--older-than", "10ms", "--reason", "retention"])
         .await;
     assert_eq!(
-        pruned.trim(),
-        "pruned: 1 payloads, 0 deliveries, 0 attempts"
+        pruned.lines().next(),
+        Some("pruned: 1 payloads, 0 deliveries, 0 attempts")
     );
-    let row = sqlx::query!("SELECT payload IS NULL AS gone, headers IS NULL AS no_headers, payload_sha256 FROM inbox_events WHERE id = $1", id)
+    let row = sqlx::query!(r#"SELECT payload IS NULL AS gone, headers IS NULL AS no_headers, payload_sha256 AS "payload_sha256!" FROM inbox_events WHERE id = $1"#, id)
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
