@@ -11,9 +11,12 @@ use crate::config::Config;
 /// The partitioned tables, in the order their partitions are made.
 pub const PARTITIONED: [&str; 3] = ["inbox_deliveries", "inbox_attempts", "inbox_payloads"];
 
-/// How long a partition's creation waits for a lock before it gives up until
-/// the next run: while it waits, the statements queued behind it wait too.
-const MAKE_LOCK_TIMEOUT: &str = "2s";
+/// How long making a table's partitions waits for a lock before it gives up
+/// until the next run. Attaching a partition locks the table's DEFAULT
+/// partition, and while it waits for that lock every statement that reads
+/// the whole table (a claim, the finishing update) waits behind it: the wait
+/// must stay far below a lease and a receiver's statement timeout.
+const MAKE_LOCK_TIMEOUT: &str = "250ms";
 
 /// What `[worker] partition_interval` and `partitions_ahead` ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,38 +42,37 @@ impl PartitionSettings {
     }
 }
 
-/// Makes every partition the three tables lack now, one per transaction (so
-/// that each holds its locks for a moment only); returns their names. Never
-/// moves a row: a range the DEFAULT partition already holds rows of is left
-/// to it (see `inbox_make_partition`).
+/// Makes every partition the three tables lack now, one transaction per
+/// table (each takes the locks it needs once, for a moment: the partitions
+/// are empty); returns their names. Never moves a row: a range the DEFAULT
+/// partition already holds rows of is left to it (see `inbox_make_partition`).
 pub async fn make_partitions(
     pool: &PgPool,
     settings: PartitionSettings,
 ) -> Result<Vec<String>, sqlx::Error> {
     let mut made = Vec::new();
     for parent in PARTITIONED {
-        loop {
-            let mut transaction = pool.begin().await?;
-            sqlx::query!(
-                "SELECT set_config('lock_timeout', $1, true)",
-                MAKE_LOCK_TIMEOUT
-            )
-            .fetch_one(&mut *transaction)
-            .await?;
-            let name = sqlx::query_scalar!(
-                "SELECT inbox_make_partition($1, $2, $3)",
-                parent,
-                settings.interval.as_secs_f64(),
-                i32::try_from(settings.ahead).unwrap_or(i32::MAX),
-            )
-            .fetch_one(&mut *transaction)
-            .await?;
-            transaction.commit().await?;
-            match name {
-                Some(name) => made.push(name),
-                None => break,
-            }
+        let mut transaction = pool.begin().await?;
+        sqlx::query!(
+            "SELECT set_config('lock_timeout', $1, true)",
+            MAKE_LOCK_TIMEOUT
+        )
+        .fetch_one(&mut *transaction)
+        .await?;
+        let mut names = Vec::new();
+        while let Some(name) = sqlx::query_scalar!(
+            "SELECT inbox_make_partition($1, $2, $3)",
+            parent,
+            settings.interval.as_secs_f64(),
+            i32::try_from(settings.ahead).unwrap_or(i32::MAX),
+        )
+        .fetch_one(&mut *transaction)
+        .await?
+        {
+            names.push(name);
         }
+        transaction.commit().await?;
+        made.extend(names);
     }
     Ok(made)
 }

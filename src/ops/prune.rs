@@ -18,9 +18,10 @@ use crate::status::EventStatus;
 
 /// How long a drop waits for its lock before it gives up (and tries again,
 /// then leaves the partition to the row-by-row pass). While it waits, the
-/// statements queued behind it wait too: keep it short.
-const DROP_LOCK_TIMEOUT: &str = "1s";
-const DROP_TRIES: u32 = 5;
+/// statements queued behind it wait too (receivers, claims): keep it far
+/// below a receiver's statement timeout and a lease.
+const DROP_LOCK_TIMEOUT: &str = "250ms";
+const DROP_TRIES: u32 = 20;
 /// Event ids are made by the receivers' clocks, processing times by the
 /// database's: the payload pass looks this far past the cutoff for ids.
 const CLOCK_SKEW: &str = "5 minutes";
@@ -191,7 +192,7 @@ async fn drop_partition(
                     attempt,
                     "prune: the partition is in use; trying again"
                 );
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(error) => return Err(error),
         }
