@@ -170,7 +170,7 @@ async fn batches_with_overlapping_keys_in_opposite_orders_do_not_deadlock() {
     sqlx::raw_sql(
         "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$;
-         CREATE TRIGGER slow_insert BEFORE INSERT ON inbox_events
+         CREATE TRIGGER slow_insert BEFORE INSERT ON inbox_event_state
              FOR EACH ROW EXECUTE FUNCTION slow_insert();",
     )
     .execute(&db.pool)
