@@ -23,7 +23,8 @@
 -- stay where they are. The migration holds ACCESS EXCLUSIVE locks on
 -- inbox_events, inbox_deliveries and inbox_attempts until it commits, for as
 -- long as two sequential scans (of inbox_deliveries and inbox_attempts) take
--- to prove the first partitions' bounds: see docs/operations.md, "Retention".
+-- to prove the first partitions' bounds: see docs/runbook.md, "Upgrading to
+-- schema version 8".
 --
 -- Workers make the partitions ahead of time ([worker] partition_interval,
 -- partitions_ahead; inbox_make_partition below); a DEFAULT partition of each
