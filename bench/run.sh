@@ -78,7 +78,9 @@ psql -c "CREATE EXTENSION pg_stat_statements"
 psql -c "CREATE TABLE side_effects (event_id uuid NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
 # Each phase starts from empty tables and a checkpoint, so one phase's writes
 # are not flushed during the next.
-reset() { psql -c "TRUNCATE inbox_events, inbox_deliveries, inbox_attempts, side_effects CASCADE" -c "CHECKPOINT"; }
+reset() { psql -c "TRUNCATE inbox_event_state, inbox_payloads, inbox_deliveries, inbox_attempts, side_effects CASCADE" -c "CHECKPOINT"; }
+# A time-ordered id of now, as the receiver makes them (UUIDv7-like).
+v7="(left(inbox_uuid_at(clock_timestamp())::text, 14) || right(gen_random_uuid()::text, 22))::uuid"
 # profile NAME SECONDS: samples every process for SECONDS in the background.
 profile() {
     [ -n "${PROFILE:-}" ] || return 0
@@ -107,14 +109,17 @@ peak_rss() { awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' "/proc/$1/status"; }
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $("$pg_bin/postgres" --version)"
 
-echo "== (a) the ceiling: pgbench, one transaction per event (event ON CONFLICT DO NOTHING + delivery row)"
+echo "== (a) the ceiling: pgbench, one transaction per event (event ON CONFLICT DO NOTHING, its payload, a delivery row)"
 payload=$(python3 -c 'import json; print(json.dumps({"uid": "U", "integration_id": "1", "event": {"type": "psychometric_score.complete", "details": {"score": 700, "notes": "x" * 800}}}))')
 cat > "$work/naive.sql" <<SQL
 BEGIN;
-INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256)
-VALUES (gen_random_uuid(), 'begini', 'sandbox', gen_random_uuid()::text, 'psychometric_score.complete',
-        convert_to('$payload', 'UTF8'), '$payload'::jsonb, '{}', md5(random()::text))
-ON CONFLICT (source, event_key) DO NOTHING;
+WITH event AS (
+    INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256)
+    VALUES ($v7, 'begini', 'sandbox', gen_random_uuid()::text, 'psychometric_score.complete', md5(random()::text))
+    ON CONFLICT (source, event_key) DO NOTHING
+    RETURNING id)
+INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
+SELECT id, convert_to('$payload', 'UTF8'), '$payload'::jsonb, '{}' FROM event;
 INSERT INTO inbox_deliveries (source, remote_addr, outcome, payload_sha256, status_code)
 VALUES ('begini', '127.0.0.1', 'accepted', md5(random()::text), 200);
 COMMIT;
@@ -129,11 +134,14 @@ done
 # delivery rows per transaction, 4 clients. What ingest is compared with.
 cat > "$work/batched.sql" <<SQL
 BEGIN;
-INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256)
-SELECT gen_random_uuid(), 'begini', 'sandbox', gen_random_uuid()::text, 'psychometric_score.complete',
-       convert_to('$payload', 'UTF8'), '$payload'::jsonb, '{}', md5(random()::text)
-FROM generate_series(1, 32)
-ON CONFLICT (source, event_key) DO NOTHING;
+WITH event AS (
+    INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256)
+    SELECT $v7, 'begini', 'sandbox', gen_random_uuid()::text, 'psychometric_score.complete', md5(random()::text)
+    FROM generate_series(1, 32)
+    ON CONFLICT (source, event_key) DO NOTHING
+    RETURNING id)
+INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
+SELECT id, convert_to('$payload', 'UTF8'), '$payload'::jsonb, '{}' FROM event;
 INSERT INTO inbox_deliveries (source, remote_addr, outcome, payload_sha256, status_code)
 SELECT 'begini', '127.0.0.1', 'accepted', md5(random()::text), 200 FROM generate_series(1, 32);
 COMMIT;
@@ -202,14 +210,18 @@ fi
 drain() {
     reset
     # Received one after another (due in that order), as a receiver stores them.
-    psql -c "INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256,
-                                       received_at, next_attempt_at, ordering_key, ordered_at, ordering_seq, dead_blocks, skip_if_stale)
-             SELECT gen_random_uuid(), 'begini', 'sandbox', 'k' || g, 'psychometric_score.complete', convert_to(p, 'UTF8'), p::jsonb, '{}', md5(p),
+    # The state rows, then their payloads (in the partition of their id).
+    psql -c "INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
+                                            received_at, next_attempt_at, ordering_key, ordered_at, ordering_seq, dead_blocks, skip_if_stale)
+             SELECT $v7, 'begini', 'sandbox', 'k' || g, 'psychometric_score.complete', md5(g::text),
                     now() - ($events - g) * interval '1 microsecond', now() - ($events - g) * interval '1 microsecond',
                     CASE WHEN $2 > 0 THEN 'U' || (g % $2) END, CASE WHEN $2 > 0 THEN now() + g * interval '1 microsecond' END,
                     CASE WHEN $2 > 0 THEN g END, CASE WHEN $2 > 0 THEN true END, CASE WHEN $2 > 0 THEN false END
-             FROM generate_series(1, $events) g, LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"psychometric_score.complete\"}}', g) AS p) x"
-    psql -c "VACUUM ANALYZE inbox_events"
+             FROM generate_series(1, $events) g" \
+         -c "INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
+             SELECT id, convert_to(p, 'UTF8'), p::jsonb, '{}'
+             FROM inbox_event_state, LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"psychometric_score.complete\"}}', event_key) AS p) x"
+    psql -c "VACUUM ANALYZE inbox_event_state, inbox_payloads"
     psql -At -c "SELECT pg_stat_statements_reset()" >/dev/null
     start=$(date +%s.%N)
     "$bin/hookbox-worker" 2>/dev/null & worker=$!

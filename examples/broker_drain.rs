@@ -59,16 +59,24 @@ async fn main() -> anyhow::Result<()> {
 async fn drain(kind: &str, url: &str, events: i64) -> anyhow::Result<f64> {
     let pool = sqlx::PgPool::connect(url).await?;
     sqlx::query(
-        "INSERT INTO inbox_events (id, source, environment, event_key, event_type, payload, payload_json, headers, payload_sha256)
-         SELECT gen_random_uuid(), 'begini', 'sandbox', 'bench-' || g, 'psychometric_score.complete',
-                convert_to(p, 'UTF8'), p::jsonb, '{}', md5(p)
-         FROM generate_series(1, $1) g,
-              LATERAL (SELECT format('{\"uid\":\"U%s\",\"integration_id\":\"1\",\"event\":{\"type\":\"psychometric_score.complete\",\"details\":{\"score\":700,\"notes\":\"%s\"}}}', g, repeat('x', 900)) AS p) x",
+        // Ids time-ordered like the receiver's UUIDv7; the state row and
+        // the payload where the receiver writes them.
+        "WITH seed AS MATERIALIZED (
+             SELECT (left(inbox_uuid_at(clock_timestamp())::text, 14) || right(gen_random_uuid()::text, 22))::uuid AS id,
+                    g, p
+             FROM generate_series(1, $1) g,
+                  LATERAL (SELECT format('{\"uid\":\"U%s\",\"integration_id\":\"1\",\"event\":{\"type\":\"psychometric_score.complete\",\"details\":{\"score\":700,\"notes\":\"%s\"}}}', g, repeat('x', 900)) AS p) x
+         ), event AS (
+             INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256)
+             SELECT id, 'begini', 'sandbox', 'bench-' || g, 'psychometric_score.complete', md5(p) FROM seed
+         )
+         INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
+         SELECT id, convert_to(p, 'UTF8'), p::jsonb, '{}' FROM seed",
     )
     .bind(events)
     .execute(&pool)
     .await?;
-    sqlx::query("VACUUM ANALYZE inbox_events")
+    sqlx::query("VACUUM ANALYZE inbox_event_state, inbox_payloads")
         .execute(&pool)
         .await?;
 

@@ -65,19 +65,26 @@ async fn main() -> anyhow::Result<()> {
     let seeded = Instant::now();
     sqlx::query(
         r#"
-        INSERT INTO inbox_events (id, source, environment, event_key, event_type, status, attempts, received_at,
-                                  next_attempt_at, payload, payload_json, headers, payload_sha256, processed_at, last_error)
-        SELECT (lpad(to_hex((extract(epoch FROM t) * 1000)::bigint), 12, '0') || substr(md5(g::text), 1, 20))::uuid,
-               CASE WHEN g % 5 = 0 THEN 'partner' ELSE 'begini' END, 'sandbox', 'seed-' || g, 'application.complete',
-               s, 1, t, t, convert_to(p, 'UTF8'), p::jsonb, '{}', md5(p),
-               CASE WHEN s IN ('succeeded', 'dead', 'skipped') THEN t END,
-               CASE WHEN s IN ('dead', 'retrying') THEN 'downstream answered HTTP 503' END
-        FROM generate_series(1, $1) g,
-             LATERAL (SELECT now() - make_interval(secs => ($1 - g) * 2592000.0 / $1) AS t,
-                             CASE WHEN g % 100 < 90 THEN 'succeeded' WHEN g % 100 < 94 THEN 'dead'
-                                  WHEN g % 100 < 97 THEN 'retrying' WHEN g % 100 < 99 THEN 'skipped'
-                                  ELSE 'pending' END AS s,
-                             format('{"uid":"U%s","integration_id":"I%s","event":{"type":"application.complete"}}', g, g % 1000) AS p) x
+        WITH seed AS MATERIALIZED (
+            SELECT (lpad(to_hex((extract(epoch FROM t) * 1000)::bigint), 12, '0') || substr(md5(g::text), 1, 20))::uuid AS id,
+                   g, t, s, p
+            FROM generate_series(1, $1) g,
+                 LATERAL (SELECT now() - make_interval(secs => ($1 - g) * 2592000.0 / $1) AS t,
+                                 CASE WHEN g % 100 < 90 THEN 'succeeded' WHEN g % 100 < 94 THEN 'dead'
+                                      WHEN g % 100 < 97 THEN 'retrying' WHEN g % 100 < 99 THEN 'skipped'
+                                      ELSE 'pending' END AS s,
+                                 format('{"uid":"U%s","integration_id":"I%s","event":{"type":"application.complete"}}', g, g % 1000) AS p) x
+        ), event AS (
+            INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, status, attempts, received_at,
+                                           next_attempt_at, payload_sha256, processed_at, last_error)
+            SELECT id, CASE WHEN g % 5 = 0 THEN 'partner' ELSE 'begini' END, 'sandbox', 'seed-' || g, 'application.complete',
+                   s, 1, t, t, md5(p),
+                   CASE WHEN s IN ('succeeded', 'dead', 'skipped') THEN t END,
+                   CASE WHEN s IN ('dead', 'retrying') THEN 'downstream answered HTTP 503' END
+            FROM seed
+        )
+        INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
+        SELECT id, convert_to(p, 'UTF8'), p::jsonb, '{}' FROM seed
         "#,
     )
     .bind(events)
@@ -98,7 +105,12 @@ async fn main() -> anyhow::Result<()> {
     )
     .execute(&pool)
     .await?;
-    for table in ["inbox_events", "inbox_deliveries", "inbox_attempts"] {
+    for table in [
+        "inbox_event_state",
+        "inbox_payloads",
+        "inbox_deliveries",
+        "inbox_attempts",
+    ] {
         sqlx::query(&format!("VACUUM ANALYZE {table}"))
             .execute(&pool)
             .await?;

@@ -43,17 +43,25 @@ async fn main() -> anyhow::Result<()> {
 
     let seeded = Instant::now();
     sqlx::query(
-        "INSERT INTO inbox_events (id, source, environment, event_key, event_type, status, attempts,
-                                   payload, payload_json, headers, payload_sha256, processed_at, last_error)
-         SELECT gen_random_uuid(), 'begini', 'sandbox', 'seed-' || g, 'application.complete', 'dead', 12,
-                convert_to(p, 'UTF8'), p::jsonb, '{}', md5(p), now(), 'downstream answered HTTP 503'
-         FROM generate_series(1, $1) g,
-              LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"application.complete\"}}', g) AS p) x",
+        "WITH seed AS MATERIALIZED (
+             SELECT (left(inbox_uuid_at(clock_timestamp())::text, 14) || right(gen_random_uuid()::text, 22))::uuid AS id,
+                    g, p
+             FROM generate_series(1, $1) g,
+                  LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"application.complete\"}}', g) AS p) x
+         ), event AS (
+             INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, status, attempts,
+                                            payload_sha256, processed_at, last_error)
+             SELECT id, 'begini', 'sandbox', 'seed-' || g, 'application.complete', 'dead', 12,
+                    md5(p), now(), 'downstream answered HTTP 503'
+             FROM seed
+         )
+         INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
+         SELECT id, convert_to(p, 'UTF8'), p::jsonb, '{}' FROM seed",
     )
     .bind(events)
     .execute(&pool)
     .await?;
-    sqlx::query("VACUUM ANALYZE inbox_events")
+    sqlx::query("VACUUM ANALYZE inbox_event_state, inbox_payloads")
         .execute(&pool)
         .await?;
     println!(

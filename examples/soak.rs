@@ -250,9 +250,10 @@ fn rss_mib(pid: u32) -> f64 {
 async fn sample(pool: &sqlx::PgPool) -> anyhow::Result<(i64, f64, f64, f64, i64, i64, i64, i64)> {
     let row: (i64, f64, f64, f64, i64, i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()),
-                pg_total_relation_size('inbox_events') / 1048576.0::float8,
-                pg_total_relation_size('inbox_deliveries') / 1048576.0::float8,
-                pg_total_relation_size('inbox_attempts') / 1048576.0::float8,
+                (pg_total_relation_size('inbox_event_state')
+                 + (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('inbox_payloads'))) / 1048576.0::float8,
+                (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('inbox_deliveries')) / 1048576.0::float8,
+                (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('inbox_attempts')) / 1048576.0::float8,
                 count(*) FILTER (WHERE status = 'pending'),
                 count(*) FILTER (WHERE status = 'retrying'),
                 count(*) FILTER (WHERE status = 'succeeded'),

@@ -13,7 +13,7 @@ psql -q "$admin" -c "CREATE DATABASE $scratch"
 trap 'psql -q "$admin" -c "DROP DATABASE IF EXISTS $scratch WITH (FORCE)"' EXIT
 url="${admin%/*}/$scratch"
 for file in $(ls migrations/V*__*.sql | sort -t V -k 2 -n); do
-    psql -q -v ON_ERROR_STOP=1 "$url" -f "$file"
+    psql -q -1 -v ON_ERROR_STOP=1 "$url" -f "$file"
 done
 rm -f .sqlx/query-*.json
 # The macros run again only when their crate is compiled again.

@@ -293,15 +293,20 @@ impl Server {
 
     /// A new database named `{prefix}_{unique}`, migrated; returns its URL.
     pub async fn create_database(&self, prefix: &str) -> anyhow::Result<String> {
+        let url = self.create_empty_database(prefix).await?;
+        crate::db::migrate(&url).await?;
+        Ok(url)
+    }
+
+    /// A new database named `{prefix}_{unique}`, not migrated; returns its URL.
+    pub async fn create_empty_database(&self, prefix: &str) -> anyhow::Result<String> {
         use sqlx::Connection;
         let name = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
         let mut admin = sqlx::PgConnection::connect(&self.url("postgres")?).await?;
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await?;
-        let url = self.url(&name)?;
-        crate::db::migrate(&url).await?;
-        Ok(url)
+        self.url(&name)
     }
 
     /// Drops a database `create_database` made (connections are closed first).

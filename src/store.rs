@@ -195,11 +195,9 @@ async fn ingest_statement(
             SELECT DISTINCT ON (source, event_key) *
             FROM input ORDER BY source, event_key, position
         ), inserted AS (
-            INSERT INTO inbox_events (id, source, environment, event_key, event_type,
-                                      payload, payload_json, headers, payload_sha256,
-                                      ordering_key, ordered_at, ordering_seq, dead_blocks, skip_if_stale)
-            SELECT id, source, environment, event_key, event_type,
-                   payload, payload_json::jsonb, headers::jsonb, payload_sha256,
+            INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
+                                           ordering_key, ordered_at, ordering_seq, dead_blocks, skip_if_stale)
+            SELECT id, source, environment, event_key, event_type, payload_sha256,
                    ordering_key,
                    CASE WHEN ordering_key IS NOT NULL THEN coalesce(ordered_at, now()) END,
                    CASE WHEN ordering_key IS NOT NULL THEN nextval('inbox_ordering_seq') END,
@@ -207,11 +205,16 @@ async fn ingest_statement(
             FROM first ORDER BY source, event_key
             ON CONFLICT (source, event_key) DO NOTHING
             RETURNING id, source, event_key, payload_sha256
+        ), payload AS (
+            -- The bytes of new events only, in the partition of their id.
+            INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
+            SELECT f.id, f.payload, f.payload_json::jsonb, f.headers::jsonb
+            FROM first f JOIN inserted n ON n.id = f.id
         ), stored AS (
             SELECT id, source, event_key, payload_sha256, true AS fresh FROM inserted
             UNION ALL
             SELECT e.id, e.source, e.event_key, e.payload_sha256, false
-            FROM inbox_events e JOIN first f ON e.source = f.source AND e.event_key = f.event_key
+            FROM inbox_event_state e JOIN first f ON e.source = f.source AND e.event_key = f.event_key
             WHERE NOT EXISTS (SELECT 1 FROM inserted n
                               WHERE n.source = f.source AND n.event_key = f.event_key)
         ), resolved AS (

@@ -213,7 +213,7 @@ pub async fn evaluate(pool: &PgPool, alert: &AlertConfig) -> Result<Evaluation, 
     Ok(match alert.condition {
         Condition::Dead => {
             let dead = sqlx::query_scalar!(
-                r#"SELECT count(*) AS "n!" FROM inbox_events WHERE status = 'dead' AND ($1::text IS NULL OR source = $1)"#,
+                r#"SELECT count(*) AS "n!" FROM inbox_event_state WHERE status = 'dead' AND ($1::text IS NULL OR source = $1)"#,
                 source
             )
             .fetch_one(pool)
@@ -227,7 +227,7 @@ pub async fn evaluate(pool: &PgPool, alert: &AlertConfig) -> Result<Evaluation, 
             let row = sqlx::query!(
                 r#"
                 SELECT count(*) AS "due!", extract(epoch FROM now() - min(next_attempt_at))::float8 AS oldest_due_seconds
-                FROM inbox_events
+                FROM inbox_event_state
                 WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
                   AND ($1::text IS NULL OR source = $1)
                 "#,
@@ -246,7 +246,7 @@ pub async fn evaluate(pool: &PgPool, alert: &AlertConfig) -> Result<Evaluation, 
                 r#"
                 SELECT count(*) FILTER (WHERE a.outcome IN ('retry', 'dead', 'lease_expired')) AS "failed!",
                        count(*) FILTER (WHERE a.outcome IS NOT NULL) AS "finished!"
-                FROM inbox_attempts a JOIN inbox_events e ON e.id = a.event_id
+                FROM inbox_attempts a JOIN inbox_event_state e ON e.id = a.event_id
                 WHERE a.started_at > now() - make_interval(secs => $1)
                   AND ($2::text IS NULL OR e.source = $2)
                 "#,

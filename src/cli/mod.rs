@@ -116,11 +116,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate => {
             let config = cli.common.load_config()?;
-            let report = crate::db::migrate(&config.database_url()?).await?;
+            let url = config.database_url()?;
+            let report = crate::db::migrate(&url).await?;
             if report.applied.is_empty() {
                 println!("schema is up to date");
             } else {
                 println!("applied: {}", report.applied.join(", "));
+            }
+            // The partitions [worker] asks for, before any receiver needs
+            // them (workers keep them made ahead from then on).
+            let pool = crate::db::pool(&url, &crate::db::PoolSettings::operator(&config))?;
+            let made = crate::db::make_partitions(
+                &pool,
+                crate::db::PartitionSettings::from_config(&config),
+            )
+            .await
+            .context("cannot make the partitions ahead")?;
+            if !made.is_empty() {
+                println!("partitions made ahead: {}", made.len());
             }
             Ok(ExitCode::SUCCESS)
         }

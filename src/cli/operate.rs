@@ -472,6 +472,14 @@ pub async fn prune(common: &CommonArgs, args: PruneArgs) -> anyhow::Result<ExitC
         "{verb}: {} payloads, {} deliveries, {} attempts",
         report.payloads, report.deliveries, report.attempts
     );
+    if !report.partitions.is_empty() {
+        let verb = if args.action.dry_run {
+            "would drop"
+        } else {
+            "dropped"
+        };
+        println!("{verb} partitions: {}", report.partitions.join(", "));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

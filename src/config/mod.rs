@@ -83,6 +83,13 @@ pub const MIN_SECRET_BYTES: usize = 16;
 /// replayed for longer.
 pub const MAX_TOLERANCE: Duration = Duration::from_secs(3600);
 
+/// The shortest and longest `worker.partition_interval`.
+pub const MIN_PARTITION_INTERVAL: Duration = Duration::from_secs(60);
+pub const MAX_PARTITION_INTERVAL: Duration = Duration::from_secs(366 * 24 * 3600);
+/// At most this many partitions ahead (`worker.partitions_ahead`): each one
+/// costs every query that cannot skip it a little planning.
+pub const MAX_PARTITIONS_AHEAD: u32 = 100;
+
 /// Environment names the production rules apply to (compared ignoring case).
 pub const PRODUCTION_NAMES: [&str; 3] = ["production", "prod", "live"];
 
@@ -468,6 +475,18 @@ impl Checker<'_> {
                 worker.poll_interval.0.is_zero(),
                 "worker.poll_interval",
                 "must be more than 0",
+            ),
+            (
+                !(MIN_PARTITION_INTERVAL..=MAX_PARTITION_INTERVAL)
+                    .contains(&worker.partition_interval.0)
+                    || worker.partition_interval.0.subsec_nanos() != 0,
+                "worker.partition_interval",
+                "must be whole seconds between 1m and 366d (for example \"1d\", \"6h\" or \"10m\")",
+            ),
+            (
+                !(1..=MAX_PARTITIONS_AHEAD).contains(&worker.partitions_ahead),
+                "worker.partitions_ahead",
+                "must be between 1 and 100",
             ),
             (
                 retry.max_attempts == 0,

@@ -134,6 +134,12 @@ pub struct WorkerSection {
     pub poll_interval: HumanDuration,
     pub shutdown_grace: HumanDuration,
     pub retry: RetrySection,
+    /// The time each partition of the history (deliveries, attempts,
+    /// payloads) covers: what `hookbox prune` can drop at once.
+    pub partition_interval: HumanDuration,
+    /// Partitions are made this many intervals ahead of now (by one worker
+    /// at a time), so that rows never wait for one.
+    pub partitions_ahead: u32,
 }
 
 impl Default for WorkerSection {
@@ -147,6 +153,8 @@ impl Default for WorkerSection {
             poll_interval: HumanDuration::from_secs(1),
             shutdown_grace: HumanDuration::from_secs(30),
             retry: RetrySection::default(),
+            partition_interval: HumanDuration::from_secs(24 * 3600),
+            partitions_ahead: 3,
         }
     }
 }

@@ -317,3 +317,32 @@ fn a_mistake_under_an_empty_key_still_names_a_place() {
     assert!(!error.key.is_empty(), "{error}");
     assert!(error.to_string().starts_with("hookbox.toml: "), "{error}");
 }
+
+#[test]
+fn partitions_cover_a_minute_to_a_year_and_are_made_one_to_a_hundred_ahead() {
+    let config = parse(SANDBOX, &[("BEGINI_API_KEY", KEY)]).unwrap();
+    assert_eq!(
+        (
+            config.worker.partition_interval.0,
+            config.worker.partitions_ahead
+        ),
+        (Duration::from_secs(86_400), 3)
+    );
+    let soak = format!("{SANDBOX}\n[worker]\npartition_interval = \"5m\"\npartitions_ahead = 12\n");
+    let config = parse(&soak, &[("BEGINI_API_KEY", KEY)]).unwrap();
+    assert_eq!(config.worker.partition_interval.0, Duration::from_secs(300));
+    for (setting, key) in [
+        ("partition_interval = \"30s\"", "worker.partition_interval"),
+        ("partition_interval = \"400d\"", "worker.partition_interval"),
+        (
+            "partition_interval = \"90500ms\"",
+            "worker.partition_interval",
+        ),
+        ("partitions_ahead = 0", "worker.partitions_ahead"),
+        ("partitions_ahead = 101", "worker.partitions_ahead"),
+    ] {
+        let text = format!("{SANDBOX}\n[worker]\n{setting}\n");
+        let err = parse(&text, &[("BEGINI_API_KEY", KEY)]).unwrap_err();
+        assert_eq!(err.key, key, "{setting}");
+    }
+}

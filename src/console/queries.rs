@@ -61,7 +61,8 @@ pub async fn events_page(
     sqlx::query_as!(
         EventSummary,
         r#"
-        SELECT id, source, event_type, status AS "status: EventStatus", attempts, received_at, next_attempt_at, processed_at, last_error
+        SELECT id AS "id!", source AS "source!", event_type, status AS "status!: EventStatus", attempts AS "attempts!",
+               received_at AS "received_at!", next_attempt_at AS "next_attempt_at!", processed_at, last_error
         FROM inbox_events
         WHERE ($1::text IS NULL OR source = $1)
           AND (cardinality($2::text[]) = 0 OR status = ANY($2))
@@ -112,14 +113,14 @@ pub async fn source_health(
         r#"
         WITH open AS (
             SELECT source, status, count(*) AS n
-            FROM inbox_events
+            FROM inbox_event_state
             WHERE status IN ('pending', 'processing', 'retrying', 'dead')
             GROUP BY source, status
         ), recent_attempts AS (
             SELECT e.source,
                    count(*) FILTER (WHERE a.outcome = 'succeeded') AS completed,
                    count(*) FILTER (WHERE a.outcome IN ('retry', 'dead', 'lease_expired')) AS failed
-            FROM inbox_attempts a JOIN inbox_events e ON e.id = a.event_id
+            FROM inbox_attempts a JOIN inbox_event_state e ON e.id = a.event_id
             WHERE a.started_at > now() - interval '1 hour'
             GROUP BY e.source
         )
@@ -128,7 +129,7 @@ pub async fn source_health(
                coalesce((SELECT n FROM open WHERE open.source = s.source AND status = 'processing'), 0) AS "processing!",
                coalesce((SELECT n FROM open WHERE open.source = s.source AND status = 'retrying'), 0) AS "retrying!",
                coalesce((SELECT n FROM open WHERE open.source = s.source AND status = 'dead'), 0) AS "dead!",
-               (SELECT extract(epoch FROM now() - min(next_attempt_at))::float8 FROM inbox_events
+               (SELECT extract(epoch FROM now() - min(next_attempt_at))::float8 FROM inbox_event_state
                  WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now() AND source = s.source)
                  AS oldest_due_seconds,
                (SELECT count(*) FROM inbox_deliveries d

@@ -8,7 +8,7 @@ use anyhow::Context;
 use futures_util::future::BoxFuture;
 use refinery_core::{
     traits::r#async::{AsyncMigrate, AsyncQuery, AsyncTransaction},
-    Migration,
+    Migration, Target,
 };
 use sqlx::{
     postgres::{PgConnectOptions, PgRow},
@@ -34,6 +34,16 @@ pub struct MigrationReport {
 /// Applies the embedded migrations under an advisory lock; safe to run twice or
 /// from several processes at once.
 pub async fn migrate(url: &str) -> anyhow::Result<MigrationReport> {
+    migrate_with(url, Target::Latest).await
+}
+
+/// Applies the embedded migrations up to `version` only (`V7__...` is 7):
+/// to build a database as an older release left it, and test an upgrade.
+pub async fn migrate_to(url: &str, version: i32) -> anyhow::Result<MigrationReport> {
+    migrate_with(url, Target::Version(version)).await
+}
+
+async fn migrate_with(url: &str, target: Target) -> anyhow::Result<MigrationReport> {
     let options = PgConnectOptions::from_str(url)
         .context("the database URL is not a valid postgres:// URL")?
         .application_name("hookbox-migrate");
@@ -48,6 +58,7 @@ pub async fn migrate(url: &str) -> anyhow::Result<MigrationReport> {
         .await
         .context("cannot take the migration lock")?;
     let outcome = embedded::migrations::runner()
+        .set_target(target)
         .run_async(&mut connection)
         .await;
     // The lock also goes with the session; unlocking is a courtesy.

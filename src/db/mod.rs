@@ -117,5 +117,7 @@ pub fn pool(url: &str, settings: &PoolSettings) -> anyhow::Result<PgPool> {
 }
 
 mod migrate;
+pub mod partitions;
 
-pub use migrate::{migrate, MigrationReport};
+pub use migrate::{migrate, migrate_to, MigrationReport};
+pub use partitions::{make_partitions, PartitionSettings};

@@ -31,7 +31,7 @@ pub async fn list(
         EventSummary,
         r#"
         SELECT id, source, event_type, status AS "status: EventStatus", attempts, received_at, next_attempt_at, processed_at, last_error
-        FROM inbox_events
+        FROM inbox_event_state
         WHERE ($1::text IS NULL OR source = $1)
           AND (cardinality($2::text[]) = 0 OR status = ANY($2))
           AND ($3::text IS NULL OR event_type LIKE $3)
@@ -116,8 +116,10 @@ pub async fn show(
     };
     let row = sqlx::query!(
         r#"
-        SELECT id, source, environment, event_key, event_type, status AS "status: EventStatus", attempts, received_at,
-               next_attempt_at, locked_by, locked_until, processed_at, last_error, payload_sha256, headers,
+        SELECT id AS "id!", source AS "source!", environment AS "environment!", event_key AS "event_key!",
+               event_type, status AS "status!: EventStatus", attempts AS "attempts!", received_at AS "received_at!",
+               next_attempt_at AS "next_attempt_at!", locked_by, locked_until, processed_at, last_error,
+               payload_sha256 AS "payload_sha256!", headers,
                CASE WHEN $4 THEN payload END AS payload, payload IS NULL AS "payload_pruned!"
         FROM inbox_events
         WHERE ($1::uuid IS NOT NULL AND id = $1) OR (source = $2 AND event_key = $3)

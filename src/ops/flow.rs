@@ -92,7 +92,7 @@ pub async fn skip(
     let skipped = sqlx::query!(
         r#"
         WITH skipped AS (
-            UPDATE inbox_events
+            UPDATE inbox_event_state
             SET status = 'skipped', processed_at = now(), last_error = $2
             WHERE id = ANY($1) AND status IN ('pending', 'retrying', 'dead')
             RETURNING id, source, ordering_key

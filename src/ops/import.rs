@@ -280,7 +280,7 @@ async fn check_batch(
             continue;
         };
         let stored = sqlx::query_scalar!(
-            "SELECT payload_sha256 FROM inbox_events WHERE source = $1 AND event_key = $2",
+            "SELECT payload_sha256 FROM inbox_event_state WHERE source = $1 AND event_key = $2",
             source.name,
             fields.event_key
         )

@@ -1,14 +1,30 @@
 //! `hookbox prune`: drop old payloads but keep every key (late duplicates are
-//! still recognised), and delete old audit rows, in bounded batches.
+//! still recognised), and delete old audit rows.
+//!
+//! The history is partitioned by time (migrations/V8): a partition that lies
+//! wholly before the cutoff, and holds nothing prune must keep, is dropped
+//! whole, in a moment whatever its size. What remains before the cutoff (a
+//! partition that straddles it, the DEFAULT partition, payloads of events
+//! received before version 8) is pruned row by row, in bounded batches.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::{add_affected, record_action};
 use crate::status::EventStatus;
+
+/// How long a drop waits for its lock before it gives up (and tries again,
+/// then leaves the partition to the row-by-row pass). While it waits, the
+/// statements queued behind it wait too (receivers, claims): keep it far
+/// below a receiver's statement timeout and a lease.
+const DROP_LOCK_TIMEOUT: &str = "250ms";
+const DROP_TRIES: u32 = 20;
+/// Event ids are made by the receivers' clocks, processing times by the
+/// database's: the payload pass looks this far past the cutoff for ids.
+const CLOCK_SKEW: &str = "5 minutes";
 
 #[derive(Clone, Debug)]
 pub struct PruneRequest {
@@ -30,6 +46,9 @@ pub struct PruneReport {
     pub payloads: i64,
     pub deliveries: i64,
     pub attempts: i64,
+    /// The partitions dropped whole (for a dry run: that would be); their
+    /// rows are counted above.
+    pub partitions: Vec<String>,
 }
 
 fn cutoff(age: Duration) -> DateTime<Utc> {
@@ -45,36 +64,28 @@ pub async fn prune(
         .into_iter()
         .chain(request.include_dead.then_some(EventStatus::Dead))
         .collect();
-    let payload_cutoff = request.payloads_older_than.map(cutoff);
-    let delivery_cutoff = request.deliveries_older_than.map(cutoff);
-    let attempt_cutoff = request.attempts_older_than.map(cutoff);
+    let targets: Vec<Target> = [
+        request
+            .payloads_older_than
+            .map(|age| Target::Payloads(cutoff(age))),
+        request
+            .deliveries_older_than
+            .map(|age| Target::Deliveries(cutoff(age))),
+        request
+            .attempts_older_than
+            .map(|age| Target::Attempts(cutoff(age))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let mut report = PruneReport::default();
 
     if request.dry_run {
-        if let Some(before) = payload_cutoff {
-            report.payloads = sqlx::query_scalar!(
-                r#"SELECT count(*) AS "n!" FROM inbox_events WHERE status = ANY($1) AND processed_at < $2 AND payload IS NOT NULL"#,
-                &statuses as &[EventStatus],
-                before
-            )
-            .fetch_one(pool)
-            .await?;
-        }
-        if let Some(before) = delivery_cutoff {
-            report.deliveries = sqlx::query_scalar!(
-                r#"SELECT count(*) AS "n!" FROM inbox_deliveries WHERE received_at < $1"#,
-                before
-            )
-            .fetch_one(pool)
-            .await?;
-        }
-        if let Some(before) = attempt_cutoff {
-            report.attempts = sqlx::query_scalar!(
-                r#"SELECT count(*) AS "n!" FROM inbox_attempts WHERE started_at < $1 AND finished_at IS NOT NULL"#,
-                before
-            )
-            .fetch_one(pool)
-            .await?;
+        for target in &targets {
+            for partition in target.droppable_partitions(pool, &statuses).await? {
+                report.partitions.push(partition.name);
+            }
+            *target.counter(&mut report) += target.count(pool, &statuses).await?;
         }
         return Ok(report);
     }
@@ -98,50 +109,135 @@ pub async fn prune(
     };
     report.action_id = Some(action_id);
 
-    let targets = [
-        payload_cutoff.map(Target::Payloads),
-        delivery_cutoff.map(Target::Deliveries),
-        attempt_cutoff.map(Target::Attempts),
-    ];
-    for target in targets.into_iter().flatten() {
-        let mut cursor = Cursor::START;
-        loop {
-            let mut transaction = pool.begin().await?;
-            let n = target
-                .prune_batch(&mut transaction, &statuses, request.batch_size, &mut cursor)
-                .await?;
-            add_affected(&mut transaction, action_id, n).await?;
-            transaction.commit().await?;
-            *target.counter(&mut report) += n;
-            progress(n as u64);
-            if n == 0 {
-                break;
+    for target in &targets {
+        // Whole partitions first: what they held, the row pass need not read.
+        for partition in target.droppable_partitions(pool, &statuses).await? {
+            if drop_partition(pool, &partition.name, action_id, partition.rows).await? {
+                *target.counter(&mut report) += partition.rows;
+                report.partitions.push(partition.name);
+                progress(partition.rows as u64);
             }
         }
+        for pass in target.row_passes() {
+            let mut cursor = Cursor::START;
+            loop {
+                let mut transaction = pool.begin().await?;
+                let n = pass
+                    .prune_batch(&mut transaction, &statuses, request.batch_size, &mut cursor)
+                    .await?;
+                add_affected(&mut transaction, action_id, n).await?;
+                transaction.commit().await?;
+                *target.counter(&mut report) += n;
+                progress(n as u64);
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    if !report.partitions.is_empty() {
+        // The action says which partitions went, for the audit trail.
+        sqlx::query!(
+            "UPDATE inbox_actions SET filter = filter || jsonb_build_object('dropped_partitions', $2::text[]) WHERE id = $1",
+            action_id,
+            &report.partitions,
+        )
+        .execute(pool)
+        .await?;
     }
     Ok(report)
 }
 
-/// Where payload pruning resumes: after the last `(processed_at, id)` pruned.
-/// Each batch starts there instead of reading past every row already pruned.
-/// (A row locked by someone else when its batch ran is skipped, not waited
-/// for; the next prune takes it.)
+/// A partition prune may drop, and how many rows go with it.
+struct Droppable {
+    name: String,
+    rows: i64,
+}
+
+/// `name` as an SQL identifier.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Drops a partition, waiting for its lock a moment at a time; returns
+/// whether it went (if not, the row pass prunes what it must of it).
+async fn drop_partition(
+    pool: &PgPool,
+    name: &str,
+    action_id: i64,
+    rows: i64,
+) -> Result<bool, sqlx::Error> {
+    for attempt in 1..=DROP_TRIES {
+        let mut transaction = pool.begin().await?;
+        sqlx::query!(
+            "SELECT set_config('lock_timeout', $1, true)",
+            DROP_LOCK_TIMEOUT
+        )
+        .fetch_one(&mut *transaction)
+        .await?;
+        match sqlx::query(&format!("DROP TABLE {}", quoted(name)))
+            .execute(&mut *transaction)
+            .await
+        {
+            Ok(_) => {
+                add_affected(&mut transaction, action_id, rows).await?;
+                transaction.commit().await?;
+                tracing::info!(partition = name, rows, "partition dropped");
+                return Ok(true);
+            }
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
+                transaction.rollback().await?;
+                tracing::warn!(
+                    partition = name,
+                    attempt,
+                    "prune: the partition is in use; trying again"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    tracing::warn!(
+        partition = name,
+        "prune: could not drop the partition; its rows are pruned one by one"
+    );
+    Ok(false)
+}
+
+/// Where a row pass resumes: after the last `(at, id)` (or event id) it
+/// pruned. Each batch starts there instead of reading past every row already
+/// pruned. (A row locked by someone else when its batch ran is skipped, not
+/// waited for; the next prune takes it.)
 struct Cursor {
-    processed_at: DateTime<Utc>,
+    at: DateTime<Utc>,
     id: uuid::Uuid,
 }
 
 impl Cursor {
     const START: Self = Self {
-        processed_at: DateTime::<Utc>::UNIX_EPOCH,
+        at: DateTime::<Utc>::UNIX_EPOCH,
         id: uuid::Uuid::nil(),
     };
 }
 
-/// What one prune pass removes, older than its cutoff.
+/// What one prune removes, older than its cutoff.
 #[derive(Clone, Copy)]
 enum Target {
     Payloads(DateTime<Utc>),
+    Deliveries(DateTime<Utc>),
+    Attempts(DateTime<Utc>),
+}
+
+/// One row-by-row pass.
+#[derive(Clone, Copy)]
+enum Pass {
+    /// Rows of `inbox_payloads` (events received since version 8) in the
+    /// partitions of ids before the cutoff.
+    Payloads(DateTime<Utc>),
+    /// Rows of `inbox_payloads`' DEFAULT partition.
+    DefaultPayloads(DateTime<Utc>),
+    /// The payload columns of events received before version 8.
+    LegacyPayloads(DateTime<Utc>),
     Deliveries(DateTime<Utc>),
     Attempts(DateTime<Utc>),
 }
@@ -155,16 +251,194 @@ impl Target {
         }
     }
 
+    fn parent(self) -> &'static str {
+        match self {
+            Self::Payloads(_) => "inbox_payloads",
+            Self::Deliveries(_) => "inbox_deliveries",
+            Self::Attempts(_) => "inbox_attempts",
+        }
+    }
+
+    fn cutoff(self) -> DateTime<Utc> {
+        match self {
+            Self::Payloads(before) | Self::Deliveries(before) | Self::Attempts(before) => before,
+        }
+    }
+
+    fn row_passes(self) -> Vec<Pass> {
+        match self {
+            Self::Payloads(before) => vec![
+                Pass::Payloads(before),
+                Pass::DefaultPayloads(before),
+                Pass::LegacyPayloads(before),
+            ],
+            Self::Deliveries(before) => vec![Pass::Deliveries(before)],
+            Self::Attempts(before) => vec![Pass::Attempts(before)],
+        }
+    }
+
+    /// The partitions wholly before the cutoff that hold nothing prune must
+    /// keep: no payload of an event that is unfinished, finished since the
+    /// cutoff, or dead (unless asked); no attempt still running.
+    async fn droppable_partitions(
+        self,
+        pool: &PgPool,
+        statuses: &[EventStatus],
+    ) -> Result<Vec<Droppable>, sqlx::Error> {
+        let before = self.cutoff();
+        let candidates = sqlx::query_scalar!(
+            r#"
+            SELECT partition AS "partition!" FROM inbox_partitions
+            WHERE parent = $1 AND NOT is_default AND to_time <= $2
+            ORDER BY to_time
+            "#,
+            self.parent(),
+            before,
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut droppable = Vec::new();
+        for name in candidates {
+            let table = quoted(&name);
+            let keeps_something = match self {
+                // Reads the partition once, each event by its primary key.
+                Self::Payloads(_) => sqlx::query_scalar::<_, bool>(&format!(
+                    "SELECT EXISTS (SELECT 1 FROM {table} p JOIN inbox_event_state e ON e.id = p.event_id
+                                    WHERE NOT (e.status = ANY($1) AND e.processed_at < $2))"
+                ))
+                .bind(statuses)
+                .bind(before)
+                .fetch_one(pool)
+                .await?,
+                // Reads the partition's index of attempts in flight.
+                Self::Attempts(_) => sqlx::query_scalar::<_, bool>(&format!(
+                    "SELECT EXISTS (SELECT 1 FROM {table} WHERE finished_at IS NULL)"
+                ))
+                .fetch_one(pool)
+                .await?,
+                Self::Deliveries(_) => false,
+            };
+            if keeps_something {
+                continue;
+            }
+            let rows = sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}"))
+                .fetch_one(pool)
+                .await?;
+            droppable.push(Droppable { name, rows });
+        }
+        Ok(droppable)
+    }
+
+    /// What a prune would remove now (a dry run).
+    async fn count(self, pool: &PgPool, statuses: &[EventStatus]) -> Result<i64, sqlx::Error> {
+        match self {
+            Self::Payloads(before) => sqlx::query_scalar!(
+                r#"
+                SELECT (SELECT count(*) FROM inbox_event_state
+                        WHERE legacy_payload IS NOT NULL AND status IN ('succeeded', 'skipped', 'dead')
+                          AND status = ANY($1) AND processed_at < $2)
+                     + (SELECT count(*) FROM inbox_payloads p JOIN inbox_event_state e ON e.id = p.event_id
+                        WHERE (p.event_id < inbox_uuid_at($2::timestamptz + $3::text::interval)
+                               OR p.tableoid = 'inbox_payloads_default'::regclass)
+                          AND e.status = ANY($1) AND e.processed_at < $2) AS "n!"
+                "#,
+                statuses as &[EventStatus],
+                before,
+                CLOCK_SKEW,
+            )
+            .fetch_one(pool)
+            .await,
+            Self::Deliveries(before) => sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM inbox_deliveries WHERE received_at < $1"#,
+                before
+            )
+            .fetch_one(pool)
+            .await,
+            Self::Attempts(before) => sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM inbox_attempts WHERE started_at < $1 AND finished_at IS NOT NULL"#,
+                before
+            )
+            .fetch_one(pool)
+            .await,
+        }
+    }
+}
+
+impl Pass {
     /// One bounded batch; returns how many rows it changed.
     async fn prune_batch(
         self,
-        conn: &mut sqlx::PgConnection,
+        conn: &mut PgConnection,
         statuses: &[EventStatus],
         batch: i64,
         cursor: &mut Cursor,
     ) -> Result<i64, sqlx::Error> {
         let result = match self {
             Self::Payloads(before) => {
+                // In event id order from the cursor, each payload's event by
+                // its primary key; the event rows are locked as they were
+                // when payloads lived in them, so that a replay and a prune
+                // of one event take turns. Ids are receipt times: only the
+                // partitions of ids before the cutoff are read (and the
+                // DEFAULT partition, which may hold any id).
+                let pruned = sqlx::query_scalar!(
+                    r#"
+                    WITH batch AS (
+                        SELECT e.id FROM inbox_payloads p JOIN inbox_event_state e ON e.id = p.event_id
+                        WHERE p.event_id > $4 AND p.event_id < inbox_uuid_at($2::timestamptz + $5::text::interval)
+                          AND e.id > $4 AND e.status = ANY($1) AND e.processed_at < $2
+                        ORDER BY p.event_id
+                        LIMIT $3
+                        FOR NO KEY UPDATE OF e SKIP LOCKED
+                    )
+                    DELETE FROM inbox_payloads p
+                    WHERE p.event_id = ANY(ARRAY(SELECT id FROM batch))
+                    RETURNING p.event_id
+                    "#,
+                    statuses as &[EventStatus],
+                    before,
+                    batch,
+                    cursor.id,
+                    CLOCK_SKEW,
+                )
+                .fetch_all(conn)
+                .await?;
+                if let Some(last) = pruned.iter().max() {
+                    cursor.id = *last;
+                }
+                return Ok(pruned.len() as i64);
+            }
+            Self::DefaultPayloads(before) => {
+                // The DEFAULT partition holds ids no partition was made for
+                // (and ids that are not UUIDv7, written by other means than
+                // the receiver): all of it is read.
+                let pruned = sqlx::query_scalar!(
+                    r#"
+                    WITH batch AS (
+                        SELECT e.id FROM inbox_payloads_default p JOIN inbox_event_state e ON e.id = p.event_id
+                        -- (e.id > $4 too: a merge join then starts both scans at the cursor.)
+                        WHERE p.event_id > $4 AND e.id > $4 AND e.status = ANY($1) AND e.processed_at < $2
+                        ORDER BY p.event_id
+                        LIMIT $3
+                        FOR NO KEY UPDATE OF e SKIP LOCKED
+                    )
+                    DELETE FROM inbox_payloads_default p
+                    WHERE p.event_id = ANY(ARRAY(SELECT id FROM batch))
+                    RETURNING p.event_id
+                    "#,
+                    statuses as &[EventStatus],
+                    before,
+                    batch,
+                    cursor.id,
+                )
+                .fetch_all(conn)
+                .await?;
+                if let Some(last) = pruned.iter().max() {
+                    cursor.id = *last;
+                }
+                return Ok(pruned.len() as i64);
+            }
+            Self::LegacyPayloads(before) => {
                 // The literal conditions match inbox_events_prunable_idx, so
                 // the planner can use it; pruned rows leave that index. The
                 // update finds its rows by primary key (`= ANY`), never by
@@ -172,38 +446,43 @@ impl Target {
                 let pruned = sqlx::query!(
                     r#"
                     WITH batch AS (
-                        SELECT id FROM inbox_events
-                        WHERE payload IS NOT NULL AND status IN ('succeeded', 'skipped', 'dead')
+                        SELECT id FROM inbox_event_state
+                        WHERE legacy_payload IS NOT NULL AND status IN ('succeeded', 'skipped', 'dead')
                           AND status = ANY($1) AND processed_at < $2
                           AND (processed_at, id) > ($4, $5)
                         ORDER BY processed_at, id
                         LIMIT $3
                         FOR NO KEY UPDATE SKIP LOCKED
                     )
-                    UPDATE inbox_events e SET payload = NULL, payload_json = NULL, headers = NULL
+                    UPDATE inbox_event_state e
+                    SET legacy_payload = NULL, legacy_payload_json = NULL, legacy_headers = NULL
                     WHERE e.id = ANY(ARRAY(SELECT id FROM batch))
                     RETURNING e.processed_at AS "processed_at!", e.id
                     "#,
                     statuses as &[EventStatus],
                     before,
                     batch,
-                    cursor.processed_at,
+                    cursor.at,
                     cursor.id,
                 )
                 .fetch_all(conn)
                 .await?;
                 if let Some(last) = pruned.iter().max_by_key(|row| (row.processed_at, row.id)) {
                     *cursor = Cursor {
-                        processed_at: last.processed_at,
+                        at: last.processed_at,
                         id: last.id,
                     };
                 }
                 return Ok(pruned.len() as i64);
             }
+            // Oldest first, each row by its partition key and id: only the
+            // partitions before the cutoff are read.
             Self::Deliveries(before) => {
                 sqlx::query!(
-                    "DELETE FROM inbox_deliveries WHERE id IN (
-                         SELECT id FROM inbox_deliveries WHERE received_at < $1 ORDER BY id LIMIT $2)",
+                    "DELETE FROM inbox_deliveries d
+                     USING (SELECT received_at, id FROM inbox_deliveries
+                            WHERE received_at < $1 ORDER BY received_at LIMIT $2) old
+                     WHERE d.received_at = old.received_at AND d.id = old.id",
                     before,
                     batch
                 )
@@ -212,8 +491,11 @@ impl Target {
             }
             Self::Attempts(before) => {
                 sqlx::query!(
-                    "DELETE FROM inbox_attempts WHERE id IN (
-                         SELECT id FROM inbox_attempts WHERE started_at < $1 AND finished_at IS NOT NULL ORDER BY id LIMIT $2)",
+                    "DELETE FROM inbox_attempts a
+                     USING (SELECT started_at, id FROM inbox_attempts
+                            WHERE started_at < $1 AND finished_at IS NOT NULL
+                            ORDER BY started_at LIMIT $2) old
+                     WHERE a.started_at = old.started_at AND a.id = old.id",
                     before,
                     batch
                 )

@@ -88,7 +88,7 @@ pub async fn preview(
         r#"
         SELECT id, source, event_type, status AS "status: EventStatus", attempts, received_at, next_attempt_at, processed_at, last_error,
                count(*) OVER () AS "total!"
-        FROM inbox_events
+        FROM inbox_event_state
         WHERE status = ANY($1)
           AND ($2::text IS NULL OR source = $2)
           AND ($3::text IS NULL OR event_type LIKE $3)
@@ -177,7 +177,7 @@ async fn replay_status(
         let ids = sqlx::query_scalar!(
             r#"
             WITH batch AS (
-                SELECT id FROM inbox_events
+                SELECT id FROM inbox_event_state
                 WHERE status = $2 AND id > $1
                   AND ($3::text IS NULL OR source = $3)
                   AND ($4::text IS NULL OR event_type LIKE $4)
@@ -192,7 +192,7 @@ async fn replay_status(
                 -- NO KEY UPDATE does not conflict with key-share locks at all.
                 FOR NO KEY UPDATE
             ), replayed AS (
-                UPDATE inbox_events e
+                UPDATE inbox_event_state e
                 SET status = 'pending', attempts = 0, next_attempt_at = now(), processed_at = NULL, last_error = NULL
                 FROM batch WHERE e.id = batch.id
                 RETURNING e.id

@@ -36,10 +36,10 @@ pub async fn status(pool: &PgPool) -> Result<Vec<SourceStatus>, sqlx::Error> {
                  WHERE d.source = h.source AND d.received_at > now() - interval '5 minutes') AS "deliveries_5m!",
                (SELECT count(*) FROM inbox_deliveries d
                  WHERE d.source = h.source AND d.received_at > now() - interval '1 hour') AS "deliveries_1h!",
-               (SELECT count(*) FROM inbox_attempts a JOIN inbox_events e ON e.id = a.event_id
+               (SELECT count(*) FROM inbox_attempts a JOIN inbox_event_state e ON e.id = a.event_id
                  WHERE e.source = h.source AND a.outcome = 'succeeded'
                    AND a.finished_at > now() - interval '5 minutes') AS "completed_5m!",
-               (SELECT count(*) FROM inbox_attempts a JOIN inbox_events e ON e.id = a.event_id
+               (SELECT count(*) FROM inbox_attempts a JOIN inbox_event_state e ON e.id = a.event_id
                  WHERE e.source = h.source AND a.outcome = 'succeeded'
                    AND a.finished_at > now() - interval '1 hour') AS "completed_1h!"
         FROM inbox_source_health h

@@ -181,7 +181,7 @@ async fn list_and_import(
         }
         let keys: Vec<&str> = keyed.iter().map(|(_, key, _)| key.as_str()).collect();
         let stored: HashSet<String> = sqlx::query_scalar!(
-            "SELECT event_key FROM inbox_events WHERE source = $1 AND event_key = ANY($2::text[])",
+            "SELECT event_key FROM inbox_event_state WHERE source = $1 AND event_key = ANY($2::text[])",
             source.name,
             &keys as &[&str],
         )

@@ -1,5 +1,5 @@
-//! What runs beside the claim loop: LISTEN for new events, lease rescue and
-//! the queue gauges.
+//! What runs beside the claim loop: LISTEN for new events, lease rescue, the
+//! queue gauges and the history's partitions.
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -12,11 +12,12 @@ use super::{queue, Worker};
 /// The channel the inbox's trigger notifies when events are stored.
 const CHANNEL: &str = "hookbox_events";
 
-/// Lease rescue and the queue gauges, on their own task: a slow count over a
-/// large table never holds up claiming.
+/// Lease rescue, the queue gauges and the partitions, on their own task: a
+/// slow count over a large table never holds up claiming.
 pub(super) async fn housekeeping(worker: Arc<Worker>, shutdown: CancellationToken) {
     let every = (worker.lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
     loop {
+        maintain_partitions(&worker).await;
         match worker.rescue_expired_leases().await {
             Ok(0) => {}
             Ok(n) => {
@@ -33,6 +34,48 @@ pub(super) async fn housekeeping(worker: Arc<Worker>, shutdown: CancellationToke
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+/// The task name partition making is elected under (`inbox_housekeeping`).
+const PARTITIONS_TASK: &str = "partitions";
+
+/// If this worker is elected for the period, makes the partitions the
+/// history needs ahead; the other workers leave it to the elected one.
+async fn maintain_partitions(worker: &Worker) {
+    let settings = worker.partitions;
+    let elected = crate::db::partitions::elect(
+        &worker.pool,
+        PARTITIONS_TASK,
+        &worker.id,
+        settings.check_every(),
+    )
+    .await;
+    match elected {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(error) => {
+            tracing::warn!(error = %error, "cannot take part in the partitions election");
+            return;
+        }
+    }
+    let outcome = crate::db::make_partitions(&worker.pool, settings).await;
+    let error = match &outcome {
+        Ok(made) => {
+            if !made.is_empty() {
+                tracing::info!(partitions = ?made, "partitions made ahead");
+            }
+            None
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "cannot make partitions ahead; the next run tries again");
+            Some(error.to_string())
+        }
+    };
+    if let Err(error) =
+        crate::db::partitions::record_run(&worker.pool, PARTITIONS_TASK, error.as_deref()).await
+    {
+        tracing::warn!(error = %error, "cannot record the partitions run");
     }
 }
 

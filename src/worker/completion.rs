@@ -252,7 +252,7 @@ impl Worker {
         outcome::decide(
             &self.policy,
             &routed.claimed.event,
-            routed.claimed.attempt_id,
+            routed.claimed.attempt,
             routed.handler,
             attempted,
             rand::random_range(-1.0..=1.0),

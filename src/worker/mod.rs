@@ -107,6 +107,8 @@ pub struct Worker {
     grace: Duration,
     /// The configured sources, so their gauges read 0 once drained.
     sources: Vec<String>,
+    /// The history's partitions this worker makes ahead when elected.
+    partitions: crate::db::PartitionSettings,
 }
 
 /// A claimed event and the handler its route names.
@@ -138,6 +140,7 @@ impl Worker {
             slots: Arc::new(Semaphore::new(config.worker.concurrency)),
             grace: config.worker.shutdown_grace.0,
             sources: config.sources.iter().map(|s| s.name.clone()).collect(),
+            partitions: crate::db::PartitionSettings::from_config(config),
         })
     }
 

@@ -38,7 +38,7 @@ pub(super) enum Attempted {
 pub(super) fn decide<'a>(
     policy: &RetryPolicy,
     event: &Event,
-    attempt_id: i64,
+    attempt_row: queue::AttemptRow,
     handler: Option<&'a str>,
     attempted: Attempted,
     jitter_unit: f64,
@@ -46,7 +46,7 @@ pub(super) fn decide<'a>(
     let finish = |event_status, attempt_outcome, error: Option<String>, retry_in| queue::Finish {
         event_id: event.id,
         attempt: event.attempt,
-        attempt_id,
+        attempt_row,
         event_status,
         attempt_outcome,
         handler,
@@ -163,6 +163,13 @@ mod tests {
         }
     }
 
+    fn attempt() -> queue::AttemptRow {
+        queue::AttemptRow {
+            id: 1,
+            started_at: chrono::Utc::now(),
+        }
+    }
+
     fn event(attempt: i32) -> Event {
         Event {
             id: uuid::Uuid::now_v7(),
@@ -183,11 +190,18 @@ mod tests {
                 retry_after,
             }))
         };
-        let finish = decide(&policy(), &event(1), 1, Some("h"), failed(None), 0.0);
+        let finish = decide(
+            &policy(),
+            &event(1),
+            attempt(),
+            Some("h"),
+            failed(None),
+            0.0,
+        );
         assert_eq!(finish.event_status, EventStatus::Retrying);
         assert_eq!(finish.retry_in, Some(Duration::from_secs(5)));
         let later = failed(Some(Duration::from_secs(30)));
-        let finish = decide(&policy(), &event(1), 1, Some("h"), later, 0.0);
+        let finish = decide(&policy(), &event(1), attempt(), Some("h"), later, 0.0);
         assert_eq!(finish.retry_in, Some(Duration::from_secs(30)));
     }
 
@@ -198,7 +212,7 @@ mod tests {
                 message: "429".into(),
                 retry_after: Some(Duration::from_secs(seconds)),
             }));
-            let finish = decide(&policy(), &event(1), 1, Some("h"), failed, 0.0);
+            let finish = decide(&policy(), &event(1), attempt(), Some("h"), failed, 0.0);
             assert_eq!(finish.retry_in, Some(Duration::from_secs(60)));
         }
     }
@@ -206,7 +220,7 @@ mod tests {
     #[test]
     fn the_last_allowed_attempt_ends_dead_and_says_so() {
         let failed = Attempted::Ran(Err(HandlerError::retryable("timeout")));
-        let finish = decide(&policy(), &event(3), 1, Some("h"), failed, 0.0);
+        let finish = decide(&policy(), &event(3), attempt(), Some("h"), failed, 0.0);
         assert_eq!(finish.event_status, EventStatus::Dead);
         assert_eq!(finish.attempt_outcome, AttemptOutcome::Dead);
         assert_eq!(
@@ -217,7 +231,14 @@ mod tests {
 
     #[test]
     fn an_event_without_a_route_is_skipped() {
-        let finish = decide(&policy(), &event(1), 1, None, Attempted::NoRoute, 0.0);
+        let finish = decide(
+            &policy(),
+            &event(1),
+            attempt(),
+            None,
+            Attempted::NoRoute,
+            0.0,
+        );
         assert_eq!(finish.event_status, EventStatus::Skipped);
         assert_eq!(
             finish.error.as_deref(),

@@ -2,6 +2,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -17,10 +18,19 @@ pub const GAUGED_STATUSES: [EventStatus; 4] = [
     EventStatus::Dead,
 ];
 
+/// An attempt's row: its id and when it started. `inbox_attempts` is
+/// partitioned by `started_at`, so a statement that names both reads one
+/// partition, not every one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttemptRow {
+    pub id: i64,
+    pub started_at: DateTime<Utc>,
+}
+
 /// A claimed event and the attempt row written for it.
 pub struct Claimed {
     pub event: Event,
-    pub attempt_id: i64,
+    pub attempt: AttemptRow,
     /// The handler the event's route names (`None`: no route matches).
     pub handler: Option<String>,
     /// Ordered after an event of its key that has already finished, in a
@@ -83,7 +93,7 @@ pub async fn claim(
         r#"
         SELECT id AS "id!", source AS "source!", event_key AS "event_key!", event_type,
                attempts AS "attempts!", payload, payload_json, attempt_id AS "attempt_id!",
-               handler, stale AS "stale!"
+               attempt_started_at AS "attempt_started_at!", handler, stale AS "stale!"
         FROM inbox_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
         "#,
         worker_id,
@@ -115,7 +125,10 @@ pub async fn claim(
                 payload: row.payload.unwrap_or_default(),
                 payload_json: row.payload_json,
             },
-            attempt_id: row.attempt_id,
+            attempt: AttemptRow {
+                id: row.attempt_id,
+                started_at: row.attempt_started_at,
+            },
             handler: row.handler,
             stale: row.stale,
             start_by,
@@ -137,21 +150,24 @@ pub async fn lock_held(
 ) -> Result<HashSet<Uuid>, sqlx::Error> {
     let ids: Vec<Uuid> = claims.iter().map(|c| c.event.id).collect();
     let attempts: Vec<i32> = claims.iter().map(|c| c.event.attempt).collect();
-    let attempt_ids: Vec<i64> = claims.iter().map(|c| c.attempt_id).collect();
+    let attempt_ids: Vec<i64> = claims.iter().map(|c| c.attempt.id).collect();
+    let attempt_starts: Vec<DateTime<Utc>> =
+        claims.iter().map(|c| c.attempt.started_at).collect();
     // The lease conditions sit inside CASE so that the plan stays on the
     // primary key: written plainly they match the lease index's predicate,
     // and the planner may walk that index (every recently claimed event).
     let held = sqlx::query_scalar!(
         r#"
         SELECT e.id
-        FROM inbox_events e
-        JOIN unnest($1::uuid[], $3::int4[], $4::int8[]) AS c(event_id, attempt, attempt_id)
+        FROM inbox_event_state e
+        JOIN unnest($1::uuid[], $3::int4[], $4::int8[], $5::timestamptz[])
+             AS c(event_id, attempt, attempt_id, attempt_started_at)
           ON c.event_id = e.id
         WHERE CASE WHEN e.status = 'processing' AND e.locked_by = $2 AND e.locked_until > now()
                         AND e.attempts = c.attempt
                         AND EXISTS (SELECT 1 FROM inbox_attempts a
-                                    WHERE a.id = c.attempt_id AND a.event_id = e.id
-                                      AND a.finished_at IS NULL)
+                                    WHERE a.id = c.attempt_id AND a.started_at = c.attempt_started_at
+                                      AND a.event_id = e.id AND a.finished_at IS NULL)
                    THEN true ELSE false END
         ORDER BY e.id
         FOR NO KEY UPDATE OF e SKIP LOCKED
@@ -160,6 +176,7 @@ pub async fn lock_held(
         worker_id,
         &attempts,
         &attempt_ids,
+        &attempt_starts,
     )
     .fetch_all(conn)
     .await?;
@@ -171,7 +188,7 @@ pub struct Finish<'a> {
     pub event_id: Uuid,
     /// The attempt's number (the event's `attempts` when it was claimed).
     pub attempt: i32,
-    pub attempt_id: i64,
+    pub attempt_row: AttemptRow,
     pub event_status: EventStatus,
     pub attempt_outcome: AttemptOutcome,
     pub handler: Option<&'a str>,
@@ -195,7 +212,9 @@ pub async fn finish(
 ) -> Result<usize, sqlx::Error> {
     let ids: Vec<Uuid> = finishes.iter().map(|f| f.event_id).collect();
     let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
-    let attempt_ids: Vec<i64> = finishes.iter().map(|f| f.attempt_id).collect();
+    let attempt_ids: Vec<i64> = finishes.iter().map(|f| f.attempt_row.id).collect();
+    let attempt_starts: Vec<DateTime<Utc>> =
+        finishes.iter().map(|f| f.attempt_row.started_at).collect();
     let statuses: Vec<EventStatus> = finishes.iter().map(|f| f.event_status).collect();
     let outcomes: Vec<AttemptOutcome> = finishes.iter().map(|f| f.attempt_outcome).collect();
     let handlers: Vec<Option<&str>> = finishes.iter().map(|f| f.handler).collect();
@@ -209,14 +228,14 @@ pub async fn finish(
         r#"
         WITH outcome AS (
             SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[], $7::float8[], $8::int4[], $10::bool[])
+                                 $6::text[], $7::float8[], $8::int4[], $10::bool[], $11::timestamptz[])
                      AS o(event_id, attempt_id, event_status, attempt_outcome, handler, error, retry_in,
-                          attempt, not_started)
+                          attempt, not_started, attempt_started_at)
         ), at AS (
             -- The moment each outcome is recorded, shared by its two rows.
             SELECT clock_timestamp() AS t
         ), event AS (
-            UPDATE inbox_events e
+            UPDATE inbox_event_state e
             SET status = o.event_status,
                 attempts = e.attempts - CASE WHEN o.not_started THEN 1 ELSE 0 END,
                 processed_at = CASE WHEN o.event_status IN ('succeeded', 'skipped', 'dead') THEN at.t END,
@@ -234,8 +253,8 @@ pub async fn finish(
                             -- a replay, the same worker may hold a newer claim with the
                             -- same attempt number.
                             AND EXISTS (SELECT 1 FROM inbox_attempts a
-                                        WHERE a.id = o.attempt_id AND a.event_id = e.id
-                                          AND a.finished_at IS NULL)
+                                        WHERE a.id = o.attempt_id AND a.started_at = o.attempt_started_at
+                                          AND a.event_id = e.id AND a.finished_at IS NULL)
                        THEN true ELSE false END
             RETURNING e.id, e.source, e.ordering_key,
                       e.status IN ('succeeded', 'skipped') OR (e.status = 'dead' AND NOT e.dead_blocks) AS frees_key
@@ -243,7 +262,7 @@ pub async fn finish(
         UPDATE inbox_attempts a
         SET finished_at = at.t, outcome = o.attempt_outcome, handler = o.handler, error = o.error
         FROM outcome o JOIN event ON event.id = o.event_id, at
-        WHERE a.id = o.attempt_id
+        WHERE a.id = o.attempt_id AND a.started_at = o.attempt_started_at
         RETURNING event.source, event.ordering_key, event.frees_key
         "#,
         &ids,
@@ -256,6 +275,7 @@ pub async fn finish(
         &attempts,
         worker_id,
         &not_started,
+        &attempt_starts,
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -290,13 +310,13 @@ pub async fn rescue_expired(pool: &PgPool, max_attempts: i32) -> Result<u64, sql
     let result = sqlx::query!(
         r#"
         WITH expired AS (
-            SELECT id FROM inbox_events
+            SELECT id FROM inbox_event_state
             WHERE status = 'processing' AND locked_until < now()
             ORDER BY locked_until
             LIMIT 1000
             FOR UPDATE SKIP LOCKED
         ), rescued AS (
-            UPDATE inbox_events e
+            UPDATE inbox_event_state e
             SET status = CASE WHEN e.attempts >= $1 THEN 'dead' ELSE 'retrying' END,
                 processed_at = CASE WHEN e.attempts >= $1 THEN now() END,
                 -- Spread over a second: events rescued together are not
@@ -333,11 +353,11 @@ pub async fn release(
     let result = sqlx::query!(
         r#"
         WITH mine AS (
-            SELECT id FROM inbox_events
+            SELECT id FROM inbox_event_state
             WHERE status = 'processing' AND locked_by = $1
             FOR UPDATE SKIP LOCKED
         ), released AS (
-            UPDATE inbox_events e
+            UPDATE inbox_event_state e
             SET status = CASE WHEN e.attempts >= $2 THEN 'dead' ELSE 'retrying' END,
                 processed_at = CASE WHEN e.attempts >= $2 THEN now() END,
                 next_attempt_at = now(), locked_by = NULL, locked_until = NULL,
@@ -367,7 +387,7 @@ pub async fn depth(
     let counts = sqlx::query!(
         r#"
         SELECT source, status AS "status: EventStatus", count(*) AS "count!"
-        FROM inbox_events
+        FROM inbox_event_state
         WHERE status IN ('pending', 'processing', 'retrying', 'dead')
         GROUP BY source, status
         "#
@@ -380,7 +400,7 @@ pub async fn depth(
     let oldest = sqlx::query_scalar!(
         r#"
         SELECT extract(epoch FROM now() - min(next_attempt_at))::float8
-        FROM inbox_events
+        FROM inbox_event_state
         WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now()
         "#
     )
@@ -473,7 +493,7 @@ pub async fn clear_ordering_locks(pool: &PgPool) -> Result<u64, sqlx::Error> {
         USING (
             SELECT o.source, o.ordering_key FROM inbox_ordering_locks o
             WHERE NOT EXISTS (
-                SELECT 1 FROM inbox_events e
+                SELECT 1 FROM inbox_event_state e
                 WHERE e.source = o.source AND e.ordering_key = o.ordering_key
                   AND (e.status IN ('pending', 'processing', 'retrying') OR (e.status = 'dead' AND e.dead_blocks)))
             LIMIT 1000

@@ -281,7 +281,7 @@ async fn acknowledged_events_survive_a_receiver_killed_in_the_middle_of_group_co
     kill_the_receiver_while_sending(&stage, 64, Duration::ZERO).await;
 
     let shared: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT xmin FROM inbox_events GROUP BY xmin HAVING count(*) > 1) t",
+        "SELECT count(*) FROM (SELECT xmin FROM inbox_event_state GROUP BY xmin HAVING count(*) > 1) t",
     )
     .fetch_one(&stage.pool().await)
     .await

@@ -111,10 +111,13 @@ async fn deliver(app: &TestApp, body: &[u8]) -> Uuid {
 }
 
 async fn status_of(app: &TestApp, id: Uuid) -> String {
-    sqlx::query_scalar!("SELECT status FROM inbox_events WHERE id = $1", id)
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar!(
+        r#"SELECT status AS "status!" FROM inbox_events WHERE id = $1"#,
+        id
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
 }
 
 async fn recorded_seqs(app: &TestApp, uid: &str) -> Vec<i32> {

@@ -149,7 +149,7 @@ async fn a_row_the_database_refuses_fails_only_its_own_request() {
     let bodies = fresh_bodies(12);
     let refused = sha256_hex(&bodies[5]);
     sqlx::query(&format!(
-        "ALTER TABLE inbox_events ADD CONSTRAINT refuse_one CHECK (payload_sha256 <> '{refused}')"
+        "ALTER TABLE inbox_event_state ADD CONSTRAINT refuse_one CHECK (payload_sha256 <> '{refused}')"
     ))
     .execute(&app.db.pool)
     .await

@@ -170,7 +170,7 @@ async fn batches_with_overlapping_keys_in_opposite_orders_do_not_deadlock() {
     sqlx::raw_sql(
         "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$;
-         CREATE TRIGGER slow_insert BEFORE INSERT ON inbox_events
+         CREATE TRIGGER slow_insert BEFORE INSERT ON inbox_event_state
              FOR EACH ROW EXECUTE FUNCTION slow_insert();",
     )
     .execute(&db.pool)
@@ -795,22 +795,40 @@ fn saw_line_within(child: &mut Child, needle: &str, limit: Duration) -> (bool, V
 async fn pruning_reads_each_row_about_once_not_once_per_batch() {
     let db = database().await;
     const ROWS: i64 = 20_000;
+    // Half received before schema version 8 (the payload in the event's row),
+    // half since (in inbox_payloads; ids that are not UUIDv7, as a script
+    // might write them, so that they land in the DEFAULT partition).
     sqlx::query(
-        "INSERT INTO inbox_events (id, source, environment, event_key, status, processed_at, payload, payload_sha256)
-         SELECT gen_random_uuid(), 'begini', 'sandbox', 'key-' || g, 'succeeded',
+        "INSERT INTO inbox_event_state (id, source, environment, event_key, status, processed_at, legacy_payload, payload_sha256)
+         SELECT gen_random_uuid(), 'begini', 'sandbox', 'old-' || g, 'succeeded',
                 now() - interval '2 days' + g * interval '1 ms', '\\x7b7d', 'x'
          FROM generate_series(1, $1) g",
     )
-    .bind(ROWS)
+    .bind(ROWS / 2)
     .execute(&db.pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE inbox_events")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let reads = "SELECT (coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0))::bigint, n_tup_upd
-                 FROM pg_stat_user_tables WHERE relname = 'inbox_events'";
+    sqlx::query(
+        "INSERT INTO inbox_events (id, source, environment, event_key, status, processed_at, payload, payload_sha256)
+         SELECT gen_random_uuid(), 'begini', 'sandbox', 'new-' || g, 'succeeded',
+                now() - interval '2 days' + g * interval '1 ms', '\\x7b7d', 'x'
+         FROM generate_series(1, $1) g",
+    )
+    .bind(ROWS / 2)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for table in ["inbox_event_state", "inbox_payloads"] {
+        sqlx::query(&format!("ANALYZE {table}"))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    // Rows read and changed in the event rows and every payload partition.
+    let reads = "SELECT sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0))::bigint,
+                        sum(n_tup_upd + n_tup_del)::bigint
+                 FROM pg_stat_user_tables
+                 WHERE relname = 'inbox_event_state' OR relname LIKE 'inbox_payloads%'";
     let stats = || async {
         sqlx::query("SELECT pg_stat_clear_snapshot()")
             .execute(&db.pool)
@@ -821,7 +839,7 @@ async fn pruning_reads_each_row_about_once_not_once_per_batch() {
             .await
             .unwrap()
     };
-    let (read_before, updated_before) = stats().await;
+    let (read_before, changed_before) = stats().await;
 
     let request = PruneRequest {
         payloads_older_than: Some(Duration::from_secs(86_400)),
@@ -838,14 +856,18 @@ async fn pruning_reads_each_row_about_once_not_once_per_batch() {
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let (read_after, _) = loop {
-        let (read, updated) = stats().await;
-        if updated - updated_before >= ROWS || Instant::now() > deadline {
-            break (read, updated);
+        let (read, changed) = stats().await;
+        // A few payloads may go with a dropped partition, uncounted here.
+        if changed - changed_before >= ROWS * 9 / 10 || Instant::now() > deadline {
+            break (read, changed);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Each payload is read by its batch's scan, its event by primary key,
+    // and again by the statement that drops it: a few reads a row, never
+    // a read of every earlier row per batch (that would be 50 times ROWS).
     let read = read_after - read_before;
-    assert!(read < 3 * ROWS, "pruning {ROWS} rows read {read} rows");
+    assert!(read < 4 * ROWS, "pruning {ROWS} rows read {read} rows");
 }
 
 /// The connection to PostgreSQL breaks while a batch's COMMIT is still being
@@ -858,7 +880,7 @@ async fn a_connection_lost_during_commit_never_leaves_a_503_for_a_stored_event()
     sqlx::raw_sql(
         "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
-         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON inbox_events
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON inbox_event_state
              DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();",
     )
     .execute(&db.pool)

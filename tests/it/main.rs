@@ -10,6 +10,7 @@ mod group_commit;
 mod hardening;
 mod observability;
 mod operations;
+mod partitions;
 mod providers;
 mod receiver;
 mod reconcile;

@@ -108,45 +108,6 @@ async fn drain(app: &TestApp, worker: &Worker) {
     panic!("the worker did not drain the queue");
 }
 
-/// Runs a docs/audit.md query with psql-style variables filled in.
-async fn audit_query(app: &TestApp, sql: &str, vars: &[(&str, String)]) -> Vec<serde_json::Value> {
-    let mut text = sql.to_owned();
-    for (name, value) in vars {
-        text = text.replace(
-            &format!(":'{name}'"),
-            &format!("'{}'", value.replace('\'', "''")),
-        );
-        text = text.replace(&format!(":{name}"), value);
-    }
-    let wrapped = format!(
-        "SELECT coalesce(json_agg(q), '[]'::json) FROM ({}) q",
-        text.trim().trim_end_matches(';')
-    );
-    let rows: serde_json::Value = sqlx::query_scalar(&wrapped)
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap_or_else(|e| panic!("{e}: {text}"));
-    rows.as_array().unwrap().clone()
-}
-
-/// `(heading, sql)` for each numbered query in docs/audit.md.
-fn audit_queries() -> Vec<(String, String)> {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/audit.md")).unwrap();
-    let mut queries = Vec::new();
-    let mut heading = String::new();
-    let mut lines = text.lines();
-    while let Some(line) = lines.next() {
-        if let Some(h) = line.strip_prefix("## ") {
-            heading = h.to_owned();
-        } else if line == "```sql" {
-            let sql: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
-            queries.push((heading.clone(), sql.join("\n")));
-        }
-    }
-    queries
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_realistic_history_reads_the_same_in_the_cli_and_the_audit_queries() {
     let text = history_config();
@@ -318,7 +279,10 @@ async fn a_realistic_history_reads_the_same_in_the_cli_and_the_audit_queries() {
     assert_eq!(queries.len(), 15, "fifteen numbered queries");
     let mut results = Vec::new();
     for (heading, sql) in &queries {
-        results.push((heading.as_str(), audit_query(&app, sql, &vars).await));
+        results.push((
+            heading.as_str(),
+            audit_query(&app.db.pool, sql, &vars).await,
+        ));
     }
     let rows = |n: usize| &results[n - 1].1;
     // 1. the flaky event's timeline: its delivery and three attempts
@@ -328,8 +292,12 @@ async fn a_realistic_history_reads_the_same_in_the_cli_and_the_audit_queries() {
     assert_eq!(rows(2)[0]["status"], "succeeded");
     assert_eq!(rows(2)[0]["id"], first_id.to_string());
     // 3. every delivery of an event: accepted, duplicate, conflict (flaky event: 1)
-    let first_deliveries =
-        audit_query(&app, &queries[2].1, &[("event_id", first_id.to_string())]).await;
+    let first_deliveries = audit_query(
+        &app.db.pool,
+        &queries[2].1,
+        &[("event_id", first_id.to_string())],
+    )
+    .await;
     let outcomes: Vec<&str> = first_deliveries
         .iter()
         .map(|r| r["outcome"].as_str().unwrap())
@@ -578,18 +546,20 @@ async fn after_prune_a_redelivery_is_still_answered_duplicate() {
     let dry = cli
         .ok(&["prune", "--older-than", "10ms", "--dry-run"])
         .await;
+    // (The second line names the partitions dropped whole: here the empty
+    // ones from before the database was made.)
     assert_eq!(
-        dry.trim(),
-        "would prune: 1 payloads, 0 deliveries, 0 attempts"
+        dry.lines().next(),
+        Some("would prune: 1 payloads, 0 deliveries, 0 attempts")
     );
     let pruned = cli
         .ok(&["prune", "--older-than", "10ms", "--reason", "retention"])
         .await;
     assert_eq!(
-        pruned.trim(),
-        "pruned: 1 payloads, 0 deliveries, 0 attempts"
+        pruned.lines().next(),
+        Some("pruned: 1 payloads, 0 deliveries, 0 attempts")
     );
-    let row = sqlx::query!("SELECT payload IS NULL AS gone, headers IS NULL AS no_headers, payload_sha256 FROM inbox_events WHERE id = $1", id)
+    let row = sqlx::query!(r#"SELECT payload IS NULL AS gone, headers IS NULL AS no_headers, payload_sha256 AS "payload_sha256!" FROM inbox_events WHERE id = $1"#, id)
         .fetch_one(&app.db.pool)
         .await
         .unwrap();

@@ -31,8 +31,9 @@ async fn begini_signed_delivery_is_accepted_and_stored() {
     assert_eq!(answer.body["status"], "accepted");
     let id = answer.event_id();
     let row = sqlx::query!(
-        "SELECT source, environment, event_type, status, attempts, payload, payload_json IS NOT NULL AS has_json, headers
-         FROM inbox_events WHERE id = $1",
+        r#"SELECT source AS "source!", environment AS "environment!", event_type, status AS "status!",
+                  attempts AS "attempts!", payload, payload_json IS NOT NULL AS has_json, headers
+           FROM inbox_events WHERE id = $1"#,
         id
     )
     .fetch_one(&app.db.pool)

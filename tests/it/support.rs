@@ -39,6 +39,70 @@ pub async fn database() -> TestDb {
     TestDb { url, pool }
 }
 
+/// A database of its own migrated only up to `version` (`V7__...` is 7), as
+/// an older release left it: to test an upgrade.
+pub async fn database_at(version: i32) -> TestDb {
+    init_logs();
+    let server = tokio::task::spawn_blocking(server).await.unwrap();
+    let url = server
+        .create_empty_database("hookbox_test")
+        .await
+        .expect("a test database");
+    db::migrate_to(&url, version)
+        .await
+        .expect("the older migrations apply");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .unwrap();
+    TestDb { url, pool }
+}
+
+/// Runs a docs/audit.md query with psql-style variables filled in; returns
+/// its rows as JSON objects.
+pub async fn audit_query(
+    pool: &PgPool,
+    sql: &str,
+    vars: &[(&str, String)],
+) -> Vec<serde_json::Value> {
+    let mut text = sql.to_owned();
+    for (name, value) in vars {
+        text = text.replace(
+            &format!(":'{name}'"),
+            &format!("'{}'", value.replace('\'', "''")),
+        );
+        text = text.replace(&format!(":{name}"), value);
+    }
+    let wrapped = format!(
+        "SELECT coalesce(json_agg(q), '[]'::json) FROM ({}) q",
+        text.trim().trim_end_matches(';')
+    );
+    let rows: serde_json::Value = sqlx::query_scalar(&wrapped)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {text}"));
+    rows.as_array().unwrap().clone()
+}
+
+/// `(heading, sql)` for each numbered query in docs/audit.md.
+pub fn audit_queries() -> Vec<(String, String)> {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/audit.md")).unwrap();
+    let mut queries = Vec::new();
+    let mut heading = String::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if let Some(h) = line.strip_prefix("## ") {
+            heading = h.to_owned();
+        } else if line == "```sql" {
+            let sql: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
+            queries.push((heading.clone(), sql.join("\n")));
+        }
+    }
+    queries
+}
+
 /// The key every test source signs with, unless a test says otherwise.
 pub const BEGINI_KEY: &str = "test-begini-api-key-5f2c";
 

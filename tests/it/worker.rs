@@ -87,10 +87,13 @@ async fn store_event(db: &TestDb, event_type: &str) -> Uuid {
 }
 
 async fn status_of(db: &TestDb, id: Uuid) -> String {
-    sqlx::query_scalar!("SELECT status FROM inbox_events WHERE id = $1", id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar!(
+        r#"SELECT status AS "status!" FROM inbox_events WHERE id = $1"#,
+        id
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
 }
 
 async fn attempt_outcomes(db: &TestDb, id: Uuid) -> Vec<String> {
@@ -210,7 +213,7 @@ async fn a_sql_handler_effect_its_status_and_its_attempt_commit_together() {
     assert_eq!(attempt.worker_id, setup.worker.id());
     assert!(attempt.finished_at.is_some());
     let event = sqlx::query!(
-        "SELECT attempts, processed_at, locked_by FROM inbox_events WHERE id = $1",
+        r#"SELECT attempts AS "attempts!", processed_at, locked_by FROM inbox_events WHERE id = $1"#,
         id
     )
     .fetch_one(&setup.db.pool)
@@ -552,7 +555,7 @@ async fn an_http_handler_sends_the_headers_and_honours_retry_after() {
 
     setup.worker.process_next().await.unwrap();
     let retry = sqlx::query!(
-        r#"SELECT e.next_attempt_at, a.finished_at AS "finished_at!" FROM inbox_events e
+        r#"SELECT e.next_attempt_at AS "next_attempt_at!", a.finished_at AS "finished_at!" FROM inbox_events e
            JOIN inbox_attempts a ON a.event_id = e.id WHERE e.id = $1"#,
         id
     )
