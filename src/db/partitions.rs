@@ -1,5 +1,5 @@
 //! The partitions of the history (`inbox_deliveries`, `inbox_attempts`,
-//! `inbox_payloads`; migrations/V8): made ahead of time by one worker at a
+//! `inbox_payloads`; migrations/V10): made ahead of time by one worker at a
 //! time, dropped by `hookbox prune`.
 
 use std::time::Duration;

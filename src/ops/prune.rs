@@ -1,11 +1,11 @@
 //! `hookbox prune`: drop old payloads but keep every key (late duplicates are
 //! still recognised), and delete old audit rows.
 //!
-//! The history is partitioned by time (migrations/V8): a partition that lies
+//! The history is partitioned by time (migrations/V10): a partition that lies
 //! wholly before the cutoff, and holds nothing prune must keep, is dropped
 //! whole, in a moment whatever its size. What remains before the cutoff (a
 //! partition that straddles it, the DEFAULT partition, payloads of events
-//! received before version 8) is pruned row by row, in bounded batches.
+//! received before version 10) is pruned row by row, in bounded batches.
 
 use std::time::Duration;
 
@@ -231,12 +231,12 @@ enum Target {
 /// One row-by-row pass.
 #[derive(Clone, Copy)]
 enum Pass {
-    /// Rows of `inbox_payloads` (events received since version 8) in the
+    /// Rows of `inbox_payloads` (events received since version 10) in the
     /// partitions of ids before the cutoff.
     Payloads(DateTime<Utc>),
     /// Rows of `inbox_payloads`' DEFAULT partition.
     DefaultPayloads(DateTime<Utc>),
-    /// The payload columns of events received before version 8.
+    /// The payload columns of events received before version 10.
     LegacyPayloads(DateTime<Utc>),
     Deliveries(DateTime<Utc>),
     Attempts(DateTime<Utc>),

@@ -795,7 +795,7 @@ fn saw_line_within(child: &mut Child, needle: &str, limit: Duration) -> (bool, V
 async fn pruning_reads_each_row_about_once_not_once_per_batch() {
     let db = database().await;
     const ROWS: i64 = 20_000;
-    // Half received before schema version 8 (the payload in the event's row),
+    // Half received before schema version 10 (the payload in the event's row),
     // half since (in inbox_payloads; ids that are not UUIDv7, as a script
     // might write them, so that they land in the DEFAULT partition).
     sqlx::query(

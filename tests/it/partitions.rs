@@ -387,11 +387,16 @@ async fn everything_operators_read(pool: &sqlx::PgPool) -> Vec<(String, serde_js
     snapshot
 }
 
+/// The schema version that partitions the history
+/// (migrations/V10__partitioned_history.sql): every install before it is at
+/// the version just below.
+const PARTITIONED_VERSION: i32 = 10;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_filled_under_version_7_reads_the_same_after_the_migration() {
-    let db = database_at(7).await;
+async fn a_database_filled_under_the_previous_version_reads_the_same_after_the_migration() {
+    let db = database_at(PARTITIONED_VERSION - 1).await;
     let pool = db.pool.clone();
-    // A history as version 7 stored it: payloads in the event rows.
+    // A history as the previous version stored it: payloads in the event rows.
     let body = |uid: &str| begini_payload(uid, "application.complete");
     let (done_body, open_body, dead_body) = (
         body(&unique_uid()),
@@ -466,21 +471,65 @@ async fn a_database_filled_under_version_7_reads_the_same_after_the_migration() 
     .execute(&pool)
     .await
     .unwrap();
+    // An ordering key with four events waiting, as version 9 leaves them
+    // after a claim that came back short: the last two set aside (due a
+    // minute from now), to be made due by the completion that frees the key.
+    let hot: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    for (seq, id) in hot.iter().enumerate() {
+        let payload = body(&unique_uid());
+        sqlx::query(
+            "INSERT INTO inbox_events (id, source, environment, event_key, event_type, received_at,
+                                       next_attempt_at, payload, payload_json, headers, payload_sha256,
+                                       ordering_key, ordered_at, ordering_seq, dead_blocks, skip_if_stale)
+             VALUES ($1, 'begini', 'sandbox', 'hot-' || $2, 'application.complete', now() - interval '1 hour',
+                     now() - interval '1 hour', $3, convert_from($3, 'UTF8')::jsonb, '{}', 'hot-' || $2,
+                     'hot-key', now() - interval '1 hour' + make_interval(secs => $2),
+                     nextval('inbox_ordering_seq'), true, false)",
+        )
+        .bind(id)
+        .bind(seq as i32)
+        .bind(&payload)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query("SELECT inbox_park_waiting(ARRAY['begini'])")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let set_aside: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM inbox_events WHERE next_attempt_at > now() ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(set_aside, hot[2..], "the previous version set aside the last two");
     let before = everything_operators_read(&pool).await;
     let last_delivery: i64 = sqlx::query_scalar("SELECT max(id) FROM inbox_deliveries")
         .fetch_one(&pool)
         .await
         .unwrap();
 
+    // One transaction, which holds its ACCESS EXCLUSIVE locks throughout.
+    let started = Instant::now();
     let report = hookbox::db::migrate(&db.url).await.unwrap();
+    let held = started.elapsed();
     assert_eq!(report.applied.len(), 1, "{:?}", report.applied);
-    assert!(report.applied[0].starts_with("V8__"));
+    assert!(
+        report.applied[0].starts_with(&format!("V{PARTITIONED_VERSION}__")),
+        "{:?}",
+        report.applied
+    );
+    eprintln!(
+        "V{PARTITIONED_VERSION} on a filled V{} database: {held:?} in one transaction \
+         (the locks are held that long)",
+        PARTITIONED_VERSION - 1
+    );
     let after = everything_operators_read(&pool).await;
     for ((name, was), (_, is)) in before.iter().zip(&after) {
         assert_eq!(was, is, "{name} reads the same");
     }
 
-    // Receiving, processing and pruning go on where version 7 left off.
+    // Receiving, processing and pruning go on where the previous version left off.
     let text = config_with("1d", 2);
     let app = TestApp::spawn_on(db, &text, &[("BEGINI_API_KEY", BEGINI_KEY)]).await;
     let late = app.post_signed("begini", &done_body).await;
@@ -498,17 +547,21 @@ async fn a_database_filled_under_version_7_reads_the_same_after_the_migration() 
         last_delivery + 1,
         "delivery ids go on from the last one"
     );
-    sqlx::query("CREATE TABLE seen (event_id uuid, body jsonb)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "CREATE TABLE seen (event_id uuid, body jsonb, at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let text = text.replace("SELECT 1", "INSERT INTO seen VALUES ($3, $1)");
     let worker = worker_for(&app.db.url, &text);
     worker.process_next().await.unwrap();
-    let seen: (Uuid, serde_json::Value) = sqlx::query_as("SELECT event_id, body FROM seen")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let seen: (Uuid, serde_json::Value) =
+        sqlx::query_as("SELECT event_id, body FROM seen WHERE event_id = $1")
+            .bind(open)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(
         seen.0, open,
         "the pending event ran, with the payload it came with"
@@ -517,6 +570,34 @@ async fn a_database_filled_under_version_7_reads_the_same_after_the_migration() 
         seen.1,
         serde_json::from_slice::<serde_json::Value>(&open_body).unwrap()
     );
+    // The ordered key runs in order, the events set aside before the
+    // migration made due by the completions (not by their minute running out).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM inbox_events WHERE id = ANY($1) AND status = 'succeeded'",
+        )
+        .bind(&hot)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if done == hot.len() as i64 {
+            break;
+        }
+        // Set aside for a minute: only their key's completions make them due
+        // in time.
+        assert!(Instant::now() < deadline, "{done} of the key's events done");
+        if worker.process_next().await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let order: Vec<Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM seen WHERE event_id = ANY($1) ORDER BY at")
+            .bind(&hot)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(order, hot, "the key's events ran in order");
     let request = hookbox::ops::prune::PruneRequest {
         payloads_older_than: Some(Duration::from_secs(86_400)),
         include_dead: false,
@@ -532,7 +613,8 @@ async fn a_database_filled_under_version_7_reads_the_same_after_the_migration() 
         .unwrap();
     assert_eq!(pruned.payloads, 1, "the payload finished three days ago");
     let payloads: Vec<(Uuid, bool)> =
-        sqlx::query_as("SELECT id, payload IS NOT NULL FROM inbox_events ORDER BY id")
+        sqlx::query_as("SELECT id, payload IS NOT NULL FROM inbox_events WHERE id = ANY($1) ORDER BY id")
+            .bind([done, open, dead])
             .fetch_all(&pool)
             .await
             .unwrap();

@@ -1,4 +1,4 @@
--- hookbox schema, version 8: history that retention can drop whole.
+-- hookbox schema, version 10: history that retention can drop whole.
 --
 -- The append-only history is partitioned by time, so that `hookbox prune`
 -- drops a partition (a moment, whatever its size) instead of deleting its
@@ -19,16 +19,20 @@
 -- payload columns) and inserted into, like the table it replaces.
 --
 -- Nothing is copied: the existing tables become the first partition of the
--- new ones ("..._v7", everything before the boundary), the existing payloads
+-- new ones ("..._v9", everything before the boundary), the existing payloads
 -- stay where they are. The migration holds ACCESS EXCLUSIVE locks on
 -- inbox_events, inbox_deliveries and inbox_attempts until it commits, for as
 -- long as two sequential scans (of inbox_deliveries and inbox_attempts) take
 -- to prove the first partitions' bounds: see docs/runbook.md, "Upgrading to
--- schema version 8".
+-- schema version 10".
 --
 -- Workers make the partitions ahead of time ([worker] partition_interval,
 -- partitions_ahead; inbox_make_partition below); a DEFAULT partition of each
 -- table takes rows no partition was made for, so an insert never fails.
+--
+-- The functions of version 9 that read or write the event rows (inbox_claim,
+-- inbox_park_waiting, inbox_wake_next) are made again over
+-- inbox_event_state, at the end of this file.
 
 -- The smallest UUIDv7 of a moment, and the moment of a UUIDv7 (milliseconds).
 CREATE FUNCTION inbox_uuid_at(t timestamptz) RETURNS uuid
@@ -65,7 +69,7 @@ ALTER TABLE inbox_event_state RENAME COLUMN payload TO legacy_payload;
 ALTER TABLE inbox_event_state RENAME COLUMN payload_json TO legacy_payload_json;
 ALTER TABLE inbox_event_state RENAME COLUMN headers TO legacy_headers;
 COMMENT ON COLUMN inbox_event_state.legacy_payload IS
-    'payload of an event received before schema version 8 (later events: inbox_payloads)';
+    'payload of an event received before schema version 10 (later events: inbox_payloads)';
 
 CREATE TABLE inbox_payloads (
     event_id     uuid  NOT NULL REFERENCES inbox_event_state (id) ON DELETE CASCADE,
@@ -79,14 +83,14 @@ DO $$
 DECLARE
     boundary timestamptz := (SELECT at FROM pg_temp.boundary);
 BEGIN
-    EXECUTE format('CREATE TABLE inbox_payloads_v7 PARTITION OF inbox_payloads FOR VALUES FROM (MINVALUE) TO (%L)',
+    EXECUTE format('CREATE TABLE inbox_payloads_v9 PARTITION OF inbox_payloads FOR VALUES FROM (MINVALUE) TO (%L)',
                    inbox_uuid_at(boundary));
 END;
 $$;
 CREATE TABLE inbox_payloads_default PARTITION OF inbox_payloads DEFAULT;
 
 -- Column for column the table it replaces. A payload column reads the
--- legacy column first: only events received before version 8 have one, and
+-- legacy column first: only events received before version 10 have one, and
 -- it spares them a look-up. Each payload column is a look-up of its own, so
 -- a query that reads none of them reads inbox_event_state alone.
 CREATE VIEW inbox_events AS
@@ -136,14 +140,14 @@ CREATE TRIGGER inbox_events_insert INSTEAD OF INSERT ON inbox_events
 -- continues after the last id, and each partition has its own primary key on
 -- id (the first keeps the one it has: no index is built).
 
-ALTER TABLE inbox_deliveries RENAME TO inbox_deliveries_v7;
-ALTER TABLE inbox_deliveries_v7 RENAME CONSTRAINT inbox_deliveries_pkey TO inbox_deliveries_v7_pkey;
-ALTER INDEX inbox_deliveries_event_idx RENAME TO inbox_deliveries_v7_event_idx;
-ALTER INDEX inbox_deliveries_received_idx RENAME TO inbox_deliveries_v7_received_idx;
-ALTER TABLE inbox_deliveries_v7 ALTER COLUMN id DROP IDENTITY;
+ALTER TABLE inbox_deliveries RENAME TO inbox_deliveries_v9;
+ALTER TABLE inbox_deliveries_v9 RENAME CONSTRAINT inbox_deliveries_pkey TO inbox_deliveries_v9_pkey;
+ALTER INDEX inbox_deliveries_event_idx RENAME TO inbox_deliveries_v9_event_idx;
+ALTER INDEX inbox_deliveries_received_idx RENAME TO inbox_deliveries_v9_received_idx;
+ALTER TABLE inbox_deliveries_v9 ALTER COLUMN id DROP IDENTITY;
 
 CREATE SEQUENCE inbox_deliveries_id_seq;
-SELECT setval('inbox_deliveries_id_seq', coalesce(max(id), 0) + 1, false) FROM inbox_deliveries_v7;
+SELECT setval('inbox_deliveries_id_seq', coalesce(max(id), 0) + 1, false) FROM inbox_deliveries_v9;
 
 CREATE TABLE inbox_deliveries (
     id              bigint      NOT NULL DEFAULT nextval('inbox_deliveries_id_seq'),
@@ -171,28 +175,28 @@ DO $$
 DECLARE
     boundary timestamptz := (SELECT at FROM pg_temp.boundary);
 BEGIN
-    EXECUTE format('ALTER TABLE inbox_deliveries_v7 ADD CONSTRAINT inbox_deliveries_v7_bound CHECK (received_at < %L)',
+    EXECUTE format('ALTER TABLE inbox_deliveries_v9 ADD CONSTRAINT inbox_deliveries_v9_bound CHECK (received_at < %L)',
                    boundary);
-    EXECUTE format('ALTER TABLE inbox_deliveries ATTACH PARTITION inbox_deliveries_v7 FOR VALUES FROM (MINVALUE) TO (%L)',
+    EXECUTE format('ALTER TABLE inbox_deliveries ATTACH PARTITION inbox_deliveries_v9 FOR VALUES FROM (MINVALUE) TO (%L)',
                    boundary);
 END;
 $$;
-ALTER TABLE inbox_deliveries_v7 DROP CONSTRAINT inbox_deliveries_v7_bound;
+ALTER TABLE inbox_deliveries_v9 DROP CONSTRAINT inbox_deliveries_v9_bound;
 CREATE TABLE inbox_deliveries_default PARTITION OF inbox_deliveries DEFAULT;
 ALTER TABLE inbox_deliveries_default ADD PRIMARY KEY (id);
 
 ------------------------------------------------------------------------------
 -- Attempts: the same, on started_at.
 
-ALTER TABLE inbox_attempts RENAME TO inbox_attempts_v7;
-ALTER TABLE inbox_attempts_v7 RENAME CONSTRAINT inbox_attempts_pkey TO inbox_attempts_v7_pkey;
-ALTER INDEX inbox_attempts_event_idx RENAME TO inbox_attempts_v7_event_idx;
-ALTER INDEX inbox_attempts_started_idx RENAME TO inbox_attempts_v7_started_idx;
-ALTER INDEX inbox_attempts_in_flight_idx RENAME TO inbox_attempts_v7_in_flight_idx;
-ALTER TABLE inbox_attempts_v7 ALTER COLUMN id DROP IDENTITY;
+ALTER TABLE inbox_attempts RENAME TO inbox_attempts_v9;
+ALTER TABLE inbox_attempts_v9 RENAME CONSTRAINT inbox_attempts_pkey TO inbox_attempts_v9_pkey;
+ALTER INDEX inbox_attempts_event_idx RENAME TO inbox_attempts_v9_event_idx;
+ALTER INDEX inbox_attempts_started_idx RENAME TO inbox_attempts_v9_started_idx;
+ALTER INDEX inbox_attempts_in_flight_idx RENAME TO inbox_attempts_v9_in_flight_idx;
+ALTER TABLE inbox_attempts_v9 ALTER COLUMN id DROP IDENTITY;
 
 CREATE SEQUENCE inbox_attempts_id_seq;
-SELECT setval('inbox_attempts_id_seq', coalesce(max(id), 0) + 1, false) FROM inbox_attempts_v7;
+SELECT setval('inbox_attempts_id_seq', coalesce(max(id), 0) + 1, false) FROM inbox_attempts_v9;
 
 CREATE TABLE inbox_attempts (
     id              bigint      NOT NULL DEFAULT nextval('inbox_attempts_id_seq'),
@@ -218,13 +222,13 @@ DO $$
 DECLARE
     boundary timestamptz := (SELECT at FROM pg_temp.boundary);
 BEGIN
-    EXECUTE format('ALTER TABLE inbox_attempts_v7 ADD CONSTRAINT inbox_attempts_v7_bound CHECK (started_at < %L)',
+    EXECUTE format('ALTER TABLE inbox_attempts_v9 ADD CONSTRAINT inbox_attempts_v9_bound CHECK (started_at < %L)',
                    boundary);
-    EXECUTE format('ALTER TABLE inbox_attempts ATTACH PARTITION inbox_attempts_v7 FOR VALUES FROM (MINVALUE) TO (%L)',
+    EXECUTE format('ALTER TABLE inbox_attempts ATTACH PARTITION inbox_attempts_v9 FOR VALUES FROM (MINVALUE) TO (%L)',
                    boundary);
 END;
 $$;
-ALTER TABLE inbox_attempts_v7 DROP CONSTRAINT inbox_attempts_v7_bound;
+ALTER TABLE inbox_attempts_v9 DROP CONSTRAINT inbox_attempts_v9_bound;
 CREATE TABLE inbox_attempts_default PARTITION OF inbox_attempts DEFAULT;
 ALTER TABLE inbox_attempts_default ADD PRIMARY KEY (id);
 
@@ -420,11 +424,64 @@ CREATE TABLE inbox_housekeeping (
 INSERT INTO inbox_housekeeping (task) VALUES ('partitions');
 
 ------------------------------------------------------------------------------
--- The claim: as in version 4, over inbox_event_state; the payload comes from
+-- The claim and the functions of version 9 (ordered events set aside while
+-- they wait, and woken when their key is freed), over inbox_event_state:
+-- under the view, an UPDATE would reach the state table through the view's
+-- rewrite and a probe would plan against the view. Everything else is
+-- version 9's, statement for statement: the claim without JIT, the two index
+-- probes per ordered candidate (the first unfinished event of its key, in key
+-- order, LIMIT 1; nothing of its key in flight), the park at the early return
+-- and after a claim that came back short, FOR UPDATE of the candidates and
+-- NO KEY UPDATE SKIP LOCKED in the park. The claim's payload comes from
 -- inbox_payloads (or the legacy columns), and the attempt's started_at comes
 -- back with its id, so that finishing it reads one partition of
 -- inbox_attempts, not all of them.
 
+-- As version 9's: see migrations/V9__ordered_waiting.sql.
+CREATE OR REPLACE FUNCTION inbox_park_waiting(p_sources text[]) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE inbox_event_state e
+    -- As long as it has waited so far, from 10 s up to a minute: a key with a
+    -- long queue is not walked again every few seconds.
+    SET next_attempt_at = clock_timestamp()
+        + least(interval '1 minute', greatest(interval '10 seconds', clock_timestamp() - e.received_at))
+    -- By primary key (= ANY of an array), never a join against a scan of the table.
+    WHERE e.id = ANY(ARRAY(
+        SELECT w.id FROM inbox_event_state w
+        WHERE w.status = 'pending' AND w.next_attempt_at <= now()
+          AND w.ordering_key IS NOT NULL AND w.source = ANY(p_sources)
+          AND NOT EXISTS (SELECT 1 FROM inbox_pauses p WHERE p.kind = 'source' AND p.name = w.source)
+          -- Probes of the ordering index, one per event (written as EXISTS,
+          -- the planner may hash a hot key's events against each other).
+          AND w.id <> ALL (ARRAY(
+              SELECT p.id FROM inbox_event_state p
+              WHERE p.source = w.source AND p.ordering_key = w.ordering_key
+                AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
+              ORDER BY p.ordered_at, p.ordering_seq
+              LIMIT 2))
+        ORDER BY w.next_attempt_at, w.id
+        LIMIT 10000
+        FOR NO KEY UPDATE SKIP LOCKED));
+$$;
+
+-- As version 9's: see migrations/V9__ordered_waiting.sql.
+CREATE OR REPLACE FUNCTION inbox_wake_next(p_sources text[], p_keys text[]) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE inbox_event_state n SET next_attempt_at = clock_timestamp()
+    WHERE n.id = ANY(ARRAY(
+            SELECT first.id
+            FROM (SELECT DISTINCT k.source, k.ordering_key
+                  FROM unnest(p_sources, p_keys) AS k(source, ordering_key)) k,
+            LATERAL (SELECT o.id FROM inbox_event_state o
+                     WHERE o.source = k.source AND o.ordering_key = k.ordering_key
+                       AND (o.status IN ('pending', 'processing', 'retrying') OR (o.status = 'dead' AND o.dead_blocks))
+                     ORDER BY o.ordered_at, o.ordering_seq
+                     LIMIT 2) first))
+      AND n.status = 'pending' AND n.next_attempt_at > clock_timestamp();
+$$;
+
+-- The claim returns one more column (attempt_started_at): it is dropped and
+-- made again.
 DROP FUNCTION inbox_claim(text, integer, double precision, text[], integer[], text[], text[],
                           text[], text[], integer[], double precision[], double precision[], boolean[]);
 
@@ -446,7 +503,12 @@ CREATE FUNCTION inbox_claim(
     id uuid, source text, event_key text, event_type text, attempts integer,
     payload bytea, payload_json jsonb, attempt_id bigint, attempt_started_at timestamptz,
     handler text, stale boolean
-) LANGUAGE plpgsql AS $$
+) LANGUAGE plpgsql
+-- A claim is a short statement whose estimated cost can still pass
+-- jit_above_cost (a hot key's queue): compiling it would cost more than
+-- running it, at every call.
+SET jit = off
+AS $$
 #variable_conflict use_column
 DECLARE
     candidate_ids      uuid[];
@@ -482,17 +544,28 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM inbox_pauses p WHERE p.kind = 'source' AND p.name = e.source)
           AND (route.handler IS NULL OR NOT EXISTS (
                   SELECT 1 FROM inbox_pauses p WHERE p.kind = 'handler' AND p.name = route.handler))
-          AND (e.ordering_key IS NULL OR NOT EXISTS (
-                  SELECT 1 FROM inbox_event_state p
-                  WHERE p.source = e.source AND p.ordering_key = e.ordering_key AND p.id <> e.id
-                    AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
-                    AND (p.status = 'processing'
-                         OR (p.ordered_at, p.ordering_seq) < (e.ordered_at, e.ordering_seq))))
+          -- The first unfinished event of its key, and nothing of its key in
+          -- flight: two probes, each the first entry of an index (the ordering
+          -- index in key order, the one-in-flight index), however many of the
+          -- key wait behind it. (Written as "nothing earlier", the planner may
+          -- scan every event of a hot key for each candidate.)
+          AND (e.ordering_key IS NULL OR (
+                  e.id = (
+                      SELECT p.id FROM inbox_event_state p
+                      WHERE p.source = e.source AND p.ordering_key = e.ordering_key
+                        AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
+                      ORDER BY p.ordered_at, p.ordering_seq
+                      LIMIT 1)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM inbox_event_state p
+                      WHERE p.source = e.source AND p.ordering_key = e.ordering_key AND p.status = 'processing')))
         ORDER BY e.next_attempt_at, e.id
         LIMIT p_limit
         FOR UPDATE OF e SKIP LOCKED
     ) c;
+
     IF cardinality(candidate_ids) = 0 THEN
+        PERFORM inbox_park_waiting(p_sources);
         RETURN;
     END IF;
 
@@ -572,12 +645,15 @@ BEGIN
           AND (e.ordering_key IS NULL OR (
                   EXISTS (SELECT 1 FROM unnest(locked_sources, locked_keys) AS k(source, ordering_key)
                           WHERE k.source = e.source AND k.ordering_key = e.ordering_key)
+                  AND e.id = (
+                      SELECT p.id FROM inbox_event_state p
+                      WHERE p.source = e.source AND p.ordering_key = e.ordering_key
+                        AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
+                      ORDER BY p.ordered_at, p.ordering_seq
+                      LIMIT 1)
                   AND NOT EXISTS (
                       SELECT 1 FROM inbox_event_state p
-                      WHERE p.source = e.source AND p.ordering_key = e.ordering_key AND p.id <> e.id
-                        AND (p.status IN ('pending', 'processing', 'retrying') OR (p.status = 'dead' AND p.dead_blocks))
-                        AND (p.status = 'processing'
-                             OR (p.ordered_at, p.ordering_seq) < (e.ordered_at, e.ordering_seq)))))
+                      WHERE p.source = e.source AND p.ordering_key = e.ordering_key AND p.status = 'processing')))
     ), admitted AS (
         SELECT c.id, c.handler, c.stale
         FROM (SELECT c.*, row_number() OVER (PARTITION BY c.handler ORDER BY c.position) AS n
@@ -619,6 +695,14 @@ BEGIN
     FROM claimed c
     JOIN attempt a ON a.event_id = c.id
     LEFT JOIN inbox_payloads p ON p.event_id = c.id;
+
+    -- Fewer candidates than asked for: the scan of step 1 went through every
+    -- due event, including those waiting behind another event of their key,
+    -- and the next claim would again. Set them aside; last, so that this
+    -- claim waits for nothing while it holds their row locks.
+    IF cardinality(candidate_ids) < p_limit THEN
+        PERFORM inbox_park_waiting(p_sources);
+    END IF;
 END;
 $$;
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# How long migration V8 (partitioned history) holds its locks on a filled
-# database: a scratch database is migrated to V7, filled with ROWS events
-# (1 KiB payloads), ROWS deliveries and ROWS attempts, then V8 is applied in
-# one transaction, as `hookbox migrate` does, with each statement timed.
-#   ADMIN_URL=postgres://postgres@127.0.0.1/postgres bash bench/migrate_v8.sh [ROWS]
-# V8 takes ACCESS EXCLUSIVE on inbox_events, inbox_deliveries and
+# How long the migration that partitions the history
+# (migrations/V*__partitioned_history.sql) holds its locks on a filled
+# database: a scratch database is migrated to the version before it, filled
+# with ROWS events (1 KiB payloads), ROWS deliveries and ROWS attempts, then
+# the migration is applied in one transaction, as `hookbox migrate` does,
+# with each statement timed.
+#   ADMIN_URL=postgres://postgres@127.0.0.1/postgres bash bench/migrate_partitioned.sh [ROWS]
+# It takes ACCESS EXCLUSIVE on inbox_events, inbox_deliveries and
 # inbox_attempts with its first statement and keeps them until it commits:
 # the transaction's time is the time receivers and workers wait.
 set -euo pipefail
@@ -15,9 +17,11 @@ scratch="hookbox_bench_migrate_$$"
 psql -q "$admin" -c "CREATE DATABASE $scratch"
 trap 'psql -q "$admin" -c "DROP DATABASE IF EXISTS $scratch WITH (FORCE)"' EXIT
 url="${admin%/*}/$scratch"
+target=$(ls migrations/V*__partitioned_history.sql)
+target_version=$(basename "$target" | sed 's/^V\([0-9]*\)__.*/\1/')
 for file in $(ls migrations/V*__*.sql | sort -t V -k 2 -n); do
     version=$(basename "$file" | sed 's/^V\([0-9]*\)__.*/\1/')
-    [ "$version" -le 7 ] || continue
+    [ "$version" -lt "$target_version" ] || continue
     psql -q -1 -v ON_ERROR_STOP=1 "$url" -f "$file"
 done
 echo "filling: $rows events, deliveries and attempts"
@@ -38,7 +42,7 @@ psql -q "$url" -c "SELECT relname, pg_size_pretty(pg_total_relation_size(oid)) A
                     WHERE relname IN ('inbox_events', 'inbox_deliveries', 'inbox_attempts') ORDER BY relname"
 # Timed statement by statement; the statements above 10 ms are printed.
 start=$(date +%s.%N)
-psql -1 -v ON_ERROR_STOP=1 "$url" -c '\timing on' -f migrations/V8__partitioned_history.sql 2>&1 \
+psql -1 -v ON_ERROR_STOP=1 "$url" -c '\timing on' -f "$target" 2>&1 \
     | awk '/^Time:/ { ms = $2 + 0; if (ms > 10) printf "  %10.1f ms  %s\n", ms, last } !/^Time:/ { if ($0 != "") last = $0 }'
 end=$(date +%s.%N)
-python3 -c "print(f'V8 on {$rows:,} rows of each table: {$end - $start:.2f} s in one transaction (the locks are held that long)')"
+python3 -c "print(f'V$target_version on {$rows:,} rows of each table: {$end - $start:.2f} s in one transaction (the locks are held that long)')"
