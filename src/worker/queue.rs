@@ -151,8 +151,7 @@ pub async fn lock_held(
     let ids: Vec<Uuid> = claims.iter().map(|c| c.event.id).collect();
     let attempts: Vec<i32> = claims.iter().map(|c| c.event.attempt).collect();
     let attempt_ids: Vec<i64> = claims.iter().map(|c| c.attempt.id).collect();
-    let attempt_starts: Vec<DateTime<Utc>> =
-        claims.iter().map(|c| c.attempt.started_at).collect();
+    let attempt_starts: Vec<DateTime<Utc>> = claims.iter().map(|c| c.attempt.started_at).collect();
     // The lease conditions sit inside CASE so that the plan stays on the
     // primary key: written plainly they match the lease index's predicate,
     // and the planner may walk that index (every recently claimed event).

@@ -502,7 +502,11 @@ async fn a_database_filled_under_the_previous_version_reads_the_same_after_the_m
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(set_aside, hot[2..], "the previous version set aside the last two");
+    assert_eq!(
+        set_aside,
+        hot[2..],
+        "the previous version set aside the last two"
+    );
     let before = everything_operators_read(&pool).await;
     let last_delivery: i64 = sqlx::query_scalar("SELECT max(id) FROM inbox_deliveries")
         .fetch_one(&pool)
@@ -612,11 +616,12 @@ async fn a_database_filled_under_the_previous_version_reads_the_same_after_the_m
         .await
         .unwrap();
     assert_eq!(pruned.payloads, 1, "the payload finished three days ago");
-    let payloads: Vec<(Uuid, bool)> =
-        sqlx::query_as("SELECT id, payload IS NOT NULL FROM inbox_events WHERE id = ANY($1) ORDER BY id")
-            .bind([done, open, dead])
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let payloads: Vec<(Uuid, bool)> = sqlx::query_as(
+        "SELECT id, payload IS NOT NULL FROM inbox_events WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind([done, open, dead])
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert_eq!(payloads, [(done, false), (open, true), (dead, true)]);
 }
