@@ -13,7 +13,9 @@
 # PROFILE=1 also samples the whole machine with perf during (b), (c) and (d) and
 # prints each process's share of the CPU and the hottest symbols.
 # PHASES=d (any of a, b, c, d, o, k; default abdcok) runs only those phases.
-# pg_stat_statements is loaded, so (c) and (d) print what each statement costs.
+# pg_stat_statements is loaded (statements inside functions counted too), so
+# (c), (d), (o) and (k) print what each statement costs; with PROFILE=1, its
+# planning too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
@@ -42,9 +44,11 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+# Statements inside functions are counted too; PROFILE=1 also counts planning.
+track_planning=""; [ -n "${PROFILE:-}" ] && track_planning="-c pg_stat_statements.track_planning=on"
 as_pg "$pg_bin/initdb" -U postgres --auth=trust -E UTF8 --locale=C -D "$pgdata" >/dev/null
 as_pg "$pg_bin/pg_ctl" start -w -D "$pgdata" -l "$pgdata/log" \
-    -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_preload_libraries=pg_stat_statements" >/dev/null
+    -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all $track_planning" >/dev/null
 export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 export BEGINI_API_KEY=bench-key-for-the-benchmark RUST_LOG=warn PGOPTIONS="-c client_min_messages=warning"
 psql() { command psql -q -X -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
@@ -98,10 +102,10 @@ profile_report() {
 # statement_costs PER: the costliest statements since the last reset, per PER
 # (the events they served).
 statement_costs() {
-    psql -At -c "SELECT format('    %s us/event  %s us/call  %s calls  %s', round((total_exec_time * 1000 / $1)::numeric, 1),
-                               round((mean_exec_time * 1000)::numeric, 1), calls, left(regexp_replace(query, '\s+', ' ', 'g'), 60))
+    psql -At -c "SELECT format('    %s us/event  %s us/call plan %s us/call  %s  %s', round((total_exec_time * 1000 / $1)::numeric, 1),
+                               round((mean_exec_time * 1000)::numeric, 1), round((total_plan_time * 1000 / greatest(calls, 1))::numeric, 1), calls || ' calls ' || plans || ' plans',  left(regexp_replace(query, '\s+', ' ', 'g'), 60))
                  FROM pg_stat_statements WHERE query !~* 'pg_stat_statements|EXISTS \(SELECT 1 FROM inbox_events'
-                 ORDER BY total_exec_time DESC LIMIT 8"
+                 ORDER BY total_exec_time DESC LIMIT 14"
 }
 phase() { [[ $phases == *$1* ]]; }
 start_receiver() { [ -n "${receiver:-}" ] || { "$bin/hookbox-receiver" 2>/dev/null & receiver=$!; sleep 1; }; }
