@@ -291,7 +291,9 @@ pub async fn transaction_identity(
 /// How a transaction whose COMMIT got no answer ended: `Some(true)` committed,
 /// `Some(false)` rolled back, `None` unknowable (its id is too old). One still
 /// running (its COMMIT not yet made, the client gone) is ended first, so that
-/// the answer cannot change afterwards.
+/// the answer cannot change afterwards. A question that gets no answer (see
+/// [`crate::db::did_not_answer`]) is asked again: the caller bounds the whole
+/// with its deadline.
 pub async fn transaction_outcome(
     pool: &PgPool,
     transaction: &TransactionIdentity,
@@ -299,19 +301,40 @@ pub async fn transaction_outcome(
     loop {
         let status = sqlx::query_scalar!("SELECT pg_xact_status($1::text::xid8)", transaction.xid)
             .fetch_one(pool)
-            .await?;
+            .await;
+        let status = match status {
+            Ok(status) => status,
+            // The pool's other connections may have broken with the one that
+            // lost the COMMIT: ask again, on another one (the caller bounds
+            // how long).
+            Err(error) if crate::db::did_not_answer(&error) => {
+                tokio::time::sleep(OUTCOME_RETRY_PAUSE).await;
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
         match status.as_deref() {
             Some("committed") => return Ok(Some(true)),
             Some("aborted") => return Ok(Some(false)),
             None => return Ok(None),
             Some(_in_progress) => {
-                sqlx::query!(
+                let ended = sqlx::query!(
                     "SELECT pg_terminate_backend($1, 1000)",
                     transaction.backend_pid
                 )
                 .fetch_one(pool)
-                .await?;
+                .await;
+                match ended {
+                    Ok(_) => {}
+                    Err(error) if crate::db::did_not_answer(&error) => {
+                        tokio::time::sleep(OUTCOME_RETRY_PAUSE).await
+                    }
+                    Err(error) => return Err(error.into()),
+                }
             }
         }
     }
 }
+
+/// Between two tries of [`transaction_outcome`] that got no answer.
+const OUTCOME_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);

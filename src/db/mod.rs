@@ -77,6 +77,19 @@ pub fn lost_a_race(error: &sqlx::Error) -> bool {
     sqlstate(error).is_some_and(|code| code == "40P01" || code == "40001")
 }
 
+/// No answer came (the connection was refused, reset or closed, or no pooled
+/// connection was free in time), as opposed to an answer that was an error:
+/// asked again a moment later, the database may well answer.
+pub fn did_not_answer(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+    )
+}
+
 fn sqlstate(error: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
     match error {
         sqlx::Error::Database(db) => db.code(),
