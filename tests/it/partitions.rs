@@ -517,7 +517,7 @@ async fn a_database_filled_under_the_previous_version_reads_the_same_after_the_m
     let started = Instant::now();
     let report = hookbox::db::migrate(&db.url).await.unwrap();
     let held = started.elapsed();
-    assert_eq!(report.applied.len(), 1, "{:?}", report.applied);
+    // Later versions come with it (they replace functions: moments).
     assert!(
         report.applied[0].starts_with(&format!("V{PARTITIONED_VERSION}__")),
         "{:?}",
