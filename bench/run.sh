@@ -12,14 +12,15 @@
 # (k) one hot key: 5,000 ordered events of one key, commit -> next start per event
 # PROFILE=1 also samples the whole machine with perf during (b), (c) and (d) and
 # prints each process's share of the CPU and the hottest symbols.
-# PHASES=d (any of a, b, c, d, o, k; default abdcok) runs only those phases.
+# (s) storage: ingest, drain, then bytes per stored event against the payload
+# PHASES=d (any of a, b, c, d, o, k, s; default abdcoks) runs only those phases.
 # pg_stat_statements is loaded (statements inside functions counted too), so
 # (c), (d), (o) and (k) print what each statement costs; with PROFILE=1, its
 # planning too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
-phases=${PHASES:-abdcok}
+phases=${PHASES:-abdcoks}
 events=${EVENTS:-200000}    # (c)'s backlog
 # BIN_DIR=path runs binaries built elsewhere (another commit, for an A/B).
 if [ -n "${BIN_DIR:-}" ]; then
@@ -171,6 +172,37 @@ if [ -n "${batched_rate:-}" ]; then
     [ -n "$ingest_rate" ] && echo "  ingest / batched-SQL limit, same run: $(python3 -c "print(f'{$ingest_rate / $batched_rate:.2f}')")"
 fi
 profile_report ingest
+fi
+
+if phase s; then
+echo "== (s) storage: bytes per stored event (tables, indexes and TOAST), after ingest and drain"
+reset
+start_receiver
+"$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
+    --connections 32 --duration "${STORAGE_SECONDS:-20}s" | grep -E 'requests in' | sed 's/^/  /'
+"$bin/hookbox-worker" 2>/dev/null & worker=$!
+while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.5; done
+kill "$worker"; wait "$worker" 2>/dev/null || true
+psql -c "VACUUM inbox_event_state, inbox_payloads, inbox_deliveries, inbox_attempts" -c "CHECKPOINT"
+# Every relation an event's rows live in: the event, its payload, its
+# deliveries and attempts, each with its partitions, indexes and TOAST.
+psql -At -c "WITH parts AS (
+        SELECT c.oid FROM pg_class c
+        WHERE c.relname IN ('inbox_event_state', 'inbox_payloads', 'inbox_deliveries', 'inbox_attempts')
+        UNION
+        SELECT i.inhrelid FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+        WHERE p.relname IN ('inbox_payloads', 'inbox_deliveries', 'inbox_attempts')
+    ), events AS (
+        SELECT count(*) AS n, avg(octet_length(payload)) AS payload FROM inbox_events
+    )
+    SELECT format('  %s events, payload %s bytes on average; stored: %s bytes per event = %sx the payload (events %s, payloads %s, deliveries %s, attempts %s per event)',
+        e.n, round(e.payload), round(sum(pg_total_relation_size(p.oid)) / e.n),
+        round(sum(pg_total_relation_size(p.oid)) / e.n / e.payload, 2),
+        round(pg_total_relation_size('inbox_event_state') / e.n::numeric),
+        round((SELECT sum(pg_total_relation_size(i.inhrelid)) FROM pg_inherits i WHERE i.inhparent = 'inbox_payloads'::regclass) / e.n),
+        round((SELECT sum(pg_total_relation_size(i.inhrelid)) FROM pg_inherits i WHERE i.inhparent = 'inbox_deliveries'::regclass) / e.n),
+        round((SELECT sum(pg_total_relation_size(i.inhrelid)) FROM pg_inherits i WHERE i.inhparent = 'inbox_attempts'::regclass) / e.n))
+    FROM parts p, events e GROUP BY e.n, e.payload"
 fi
 
 if phase d; then
