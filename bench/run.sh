@@ -13,7 +13,8 @@
 # PROFILE=1 also samples the whole machine with perf during (b), (c) and (d) and
 # prints each process's share of the CPU and the hottest symbols.
 # (s) storage: ingest, drain, then bytes per stored event against the payload
-# PHASES=d (any of a, b, c, d, o, k, s; default abdcoks) runs only those phases.
+# (m) 1, 2 and 4 receivers (ingest), then 1, 2 and 4 workers (drain), one PostgreSQL
+# PHASES=d (any of a, b, c, d, o, k, s, m; default abdcoks) runs only those phases.
 # pg_stat_statements is loaded (statements inside functions counted too), so
 # (c), (d), (o) and (k) print what each statement costs; with PROFILE=1, its
 # planning too.
@@ -39,8 +40,9 @@ pgdata=$work/pg
 mkdir "$pgdata"
 [ "$(id -u)" = 0 ] && chown postgres: "$pgdata"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+workers=(); receivers=()
 cleanup() {
-    kill "${receiver:-}" "${worker:-}" 2>/dev/null || true
+    kill "${receiver:-}" "${worker:-}" "${workers[@]}" "${receivers[@]}" 2>/dev/null || true
     as_pg "$pg_bin/pg_ctl" stop -m fast -D "$pgdata" >/dev/null 2>&1 || true
     rm -rf "$work"
 }
@@ -260,7 +262,10 @@ drain() {
     psql -c "VACUUM ANALYZE inbox_event_state, inbox_payloads"
     psql -At -c "SELECT pg_stat_statements_reset()" >/dev/null
     start=$(date +%s.%N)
-    "$bin/hookbox-worker" 2>/dev/null & worker=$!
+    # WORKERS=n: n worker processes share the drain (phase m).
+    workers=()
+    for _ in $(seq 1 "${WORKERS:-1}"); do "$bin/hookbox-worker" 2>/dev/null & workers+=($!); done
+    worker=${workers[0]}
     profile "$1" 5
     while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.2; done
     end=$(date +%s.%N)
@@ -270,7 +275,8 @@ drain() {
     echo "  worker peak RSS: $(peak_rss "$worker")"
     echo "  database time per drained event, by statement (pg_stat_statements):"
     statement_costs "$events"
-    kill "$worker"; wait "$worker" 2>/dev/null || true
+    kill "${workers[@]}"; wait "${workers[@]}" 2>/dev/null || true
+    workers=()
     profile_report "$1"
 }
 
@@ -308,4 +314,35 @@ psql -At -c "SELECT format('  finished -> next handler ran (ms): p50 %s  p90 %s 
     FROM (SELECT extract(epoch FROM s.at - lag(a.finished_at) OVER (ORDER BY e.ordered_at)) * 1000 AS ms
           FROM inbox_events e JOIN inbox_attempts a ON a.event_id = e.id AND a.attempt = 1
           JOIN side_effects s ON s.event_id = e.id) gaps WHERE ms IS NOT NULL"
+fi
+
+if phase m; then
+echo "== (m) one PostgreSQL, more processes: ingest with 1, 2 and 4 receivers, drain with 1, 2 and 4 workers"
+for n in 1 2 4; do
+    reset
+    kill "${receiver:-}" 2>/dev/null || true; receiver=""
+    receivers=(); ports=()
+    for i in $(seq 1 "$n"); do
+        p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        sed "s/127.0.0.1:$rport/127.0.0.1:$p/" "$work/hookbox.toml" > "$work/receiver$i.toml"
+        HOOKBOX_CONFIG="$work/receiver$i.toml" "$bin/hookbox-receiver" 2>/dev/null & receivers+=($!)
+        ports+=("$p")
+    done
+    sleep 1
+    # The same 64 connections in all, split between the receivers.
+    loads=()
+    for i in $(seq 1 "$n"); do
+        "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:${ports[$((i - 1))]}/webhooks/begini" \
+            --connections $((64 / n)) --duration "${seconds}s" > "$work/m$i.txt" & loads+=($!)
+    done
+    wait "${loads[@]}"
+    total=$(cat "$work"/m*.txt | grep -oE 'requests in [0-9.]+s: [0-9]+/s' | grep -oE '[0-9]+/s' | tr -d '/s' | python3 -c 'import sys; print(sum(int(l) for l in sys.stdin))')
+    echo "  $n receiver(s), 64 connections in all: $total events/s ($(cat "$work"/m*.txt | grep -oE 'p99 [0-9.]+' | sed 's/$/ ms/' | paste -sd' ' -))"
+    kill "${receivers[@]}"; wait "${receivers[@]}" 2>/dev/null || true
+    receivers=(); rm -f "$work"/m*.txt
+done
+for n in 1 2 4; do
+    echo "  $n worker(s):"
+    WORKERS=$n drain "workers$n" 0 | grep -E 'drained' | sed 's/^/  /'
+done
 fi

@@ -326,11 +326,13 @@ pub async fn transaction_outcome(
                 .await;
                 match ended {
                     Ok(_) => {}
-                    Err(error) if crate::db::did_not_answer(&error) => {
-                        tokio::time::sleep(OUTCOME_RETRY_PAUSE).await
-                    }
+                    Err(error) if crate::db::did_not_answer(&error) => {}
                     Err(error) => return Err(error.into()),
                 }
+                // Paced even when the backend is gone at once: a transaction
+                // that stays in progress without it would otherwise be asked
+                // about without a pause until the deadline.
+                tokio::time::sleep(OUTCOME_RETRY_PAUSE).await;
             }
         }
     }
