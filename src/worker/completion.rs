@@ -38,7 +38,9 @@ impl Worker {
         &self,
         batch: &[Routed<'_>],
     ) -> Result<Option<Vec<Processed>>> {
-        let mut transaction = self.pool.begin().await?;
+        // The connection stays ours after a failed COMMIT (see below).
+        let mut connection = self.pool.acquire().await?;
+        let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
         let mut recorded = Vec::with_capacity(batch.len());
         for routed in batch {
             let attempted = self.attempt_in(routed, &mut transaction, None).await?;
@@ -62,6 +64,13 @@ impl Worker {
                     error = format!("{:#}", anyhow::Error::from(error)),
                     "the batch failed at commit; completing it the careful way"
                 );
+                // The server sends a COMMIT's error before it has rolled the
+                // transaction back and released its row locks; the careful
+                // way, on another connection, skips locked rows and would
+                // take these for leases lost. Once this connection is ready
+                // again, the rollback is done. (A broken connection: the
+                // leases expire and a rescue retries, as always.)
+                let _ = sqlx::Connection::ping(&mut *connection).await;
                 Ok(None)
             }
         }
@@ -274,7 +283,7 @@ impl Worker {
     /// attempt; otherwise rolls back and returns `false`. Logs after the commit.
     async fn record_and_commit(
         &self,
-        mut transaction: Transaction<'static, Postgres>,
+        mut transaction: Transaction<'_, Postgres>,
         recorded: Vec<(&Event, queue::Finish<'_>)>,
     ) -> Result<bool> {
         let finishes: Vec<&queue::Finish<'_>> = recorded.iter().map(|(_, f)| f).collect();
