@@ -8,6 +8,10 @@
 //! python3 bench/plot_soak.py docs/soak/samples.csv docs/soak/soak.png
 //! ```
 //! Needs no DATABASE_URL (it restarts its own private PostgreSQL).
+//!
+//! `SOAK_RETENTION_MINUTES=10` adds retention: partitions of one minute, and
+//! every minute `hookbox prune` of everything older than that many minutes
+//! (payloads, deliveries, attempts), as an operator's scheduled job would.
 
 use std::{
     io::Write,
@@ -33,6 +37,15 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "docs/soak".into()),
     );
     std::fs::create_dir_all(&out)?;
+    let retention: Option<u64> = std::env::var("SOAK_RETENTION_MINUTES")
+        .ok()
+        .map(|m| m.parse())
+        .transpose()?;
+    let partitions = if retention.is_some() {
+        "partition_interval = \"1m\"\n"
+    } else {
+        ""
+    };
     let bin = std::env::current_exe()?
         .parent()
         .and_then(Path::parent)
@@ -79,7 +92,7 @@ fn main() -> anyhow::Result<()> {
         &config,
         format!(
             "[database]\nmax_connections = 8\n[receiver]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"\"\n\
-             [worker]\nadmin_listen = \"\"\nconcurrency = 8\nlease = \"30s\"\nshutdown_grace = \"10s\"\n\
+             [worker]\nadmin_listen = \"\"\nconcurrency = 8\nlease = \"30s\"\nshutdown_grace = \"10s\"\n{partitions}\
              retry = {{ max_attempts = 12, initial = \"1s\", max = \"30s\", multiplier = 2.0, jitter = 0.2 }}\n\
              [[source]]\nname = \"begini\"\nenvironment = \"sandbox\"\nscheme = \"begini\"\nsecrets_env = [\"BEGINI_API_KEY\"]\n\
              event_key = {{ json = [\"/integration_id\", \"/uid\", \"/event/type\"] }}\n\
@@ -125,8 +138,9 @@ fn main() -> anyhow::Result<()> {
 
     let total = Duration::from_secs(minutes * 60);
     let started = Instant::now();
+    let mut last_prune = 0;
     let mut samples = std::fs::File::create(out.join("samples.csv"))?;
-    writeln!(samples, "seconds,receiver_rss_mib,worker_rss_mib,db_connections,events_mib,deliveries_mib,attempts_mib,pending,retrying,succeeded,dead,event")?;
+    writeln!(samples, "seconds,receiver_rss_mib,worker_rss_mib,db_connections,events_mib,deliveries_mib,attempts_mib,pending,retrying,succeeded,dead,payloads_mib,event")?;
     let mut restarts = vec![
         (0.25, "receiver restarted (SIGTERM)"),
         (0.45, "worker restarted (SIGTERM)"),
@@ -163,10 +177,37 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        let minute = (started.elapsed().as_secs() / 60) as i64;
+        if let Some(minutes) = retention {
+            if minute > last_prune {
+                last_prune = minute;
+                let older = format!("{minutes}m");
+                let args: Vec<String> = [
+                    "prune",
+                    "--older-than",
+                    &older,
+                    "--deliveries-older-than",
+                    &older,
+                    "--attempts-older-than",
+                    &older,
+                    "--reason",
+                    "soak retention",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                // A prune during the database's restart fails; the next one
+                // catches up.
+                let _ = spawn("hookbox", &args)?.wait_with_output();
+                if event.is_empty() {
+                    event = format!("pruned (older than {minutes} min)");
+                }
+            }
+        }
         let stats = runtime.block_on(sample(&pool)).unwrap_or_default();
         writeln!(
             samples,
-            "{:.0},{:.1},{:.1},{},{:.1},{:.1},{:.1},{},{},{},{},{}",
+            "{:.0},{:.1},{:.1},{},{:.1},{:.1},{:.1},{},{},{},{},{:.1},{}",
             started.elapsed().as_secs_f64(),
             rss_mib(receiver.id()),
             rss_mib(worker.id()),
@@ -178,6 +219,7 @@ fn main() -> anyhow::Result<()> {
             stats.5,
             stats.6,
             stats.7,
+            stats.8,
             event
         )?;
         samples.flush()?;
@@ -246,9 +288,13 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-/// Connections, table sizes (MiB), and events by status.
-async fn sample(pool: &sqlx::PgPool) -> anyhow::Result<(i64, f64, f64, f64, i64, i64, i64, i64)> {
-    let row: (i64, f64, f64, f64, i64, i64, i64, i64) = sqlx::query_as(
+/// Connections, table sizes (MiB), events by status, and the payloads' size
+/// (MiB, part of the events' size).
+#[allow(clippy::type_complexity)]
+async fn sample(
+    pool: &sqlx::PgPool,
+) -> anyhow::Result<(i64, f64, f64, f64, i64, i64, i64, i64, f64)> {
+    let row: (i64, f64, f64, f64, i64, i64, i64, i64, f64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()),
                 (pg_total_relation_size('inbox_event_state')
                  + (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('inbox_payloads'))) / 1048576.0::float8,
@@ -257,7 +303,8 @@ async fn sample(pool: &sqlx::PgPool) -> anyhow::Result<(i64, f64, f64, f64, i64,
                 count(*) FILTER (WHERE status = 'pending'),
                 count(*) FILTER (WHERE status = 'retrying'),
                 count(*) FILTER (WHERE status = 'succeeded'),
-                count(*) FILTER (WHERE status = 'dead')
+                count(*) FILTER (WHERE status = 'dead'),
+                (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('inbox_payloads')) / 1048576.0::float8
          FROM inbox_events",
     )
     .fetch_one(pool)
