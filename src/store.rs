@@ -292,12 +292,14 @@ pub async fn transaction_identity(
 /// `Some(false)` rolled back, `None` unknowable (its id is too old). One still
 /// running (its COMMIT not yet made, the client gone) is ended first, so that
 /// the answer cannot change afterwards. A question that gets no answer (see
-/// [`crate::db::did_not_answer`]) is asked again: the caller bounds the whole
-/// with its deadline.
+/// [`crate::db::did_not_answer`]) is asked again for half a second, never
+/// across a restart of the server; the caller bounds the whole with its
+/// deadline.
 pub async fn transaction_outcome(
     pool: &PgPool,
     transaction: &TransactionIdentity,
 ) -> Result<Option<bool>, StoreError> {
+    let patience_ends = tokio::time::Instant::now() + NO_ANSWER_PATIENCE;
     loop {
         let status = sqlx::query_scalar!("SELECT pg_xact_status($1::text::xid8)", transaction.xid)
             .fetch_one(pool)
@@ -305,9 +307,14 @@ pub async fn transaction_outcome(
         let status = match status {
             Ok(status) => status,
             // The pool's other connections may have broken with the one that
-            // lost the COMMIT: ask again, on another one (the caller bounds
-            // how long).
-            Err(error) if crate::db::did_not_answer(&error) => {
+            // lost the COMMIT: ask again, on another one, but only briefly.
+            // A server that crashed and came back may have given this
+            // transaction's id to another one (an id whose WAL was lost is
+            // used again), whose outcome this would then report.
+            Err(error)
+                if crate::db::did_not_answer(&error)
+                    && tokio::time::Instant::now() < patience_ends =>
+            {
                 tokio::time::sleep(OUTCOME_RETRY_PAUSE).await;
                 continue;
             }
@@ -340,3 +347,8 @@ pub async fn transaction_outcome(
 
 /// Between two tries of [`transaction_outcome`] that got no answer.
 const OUTCOME_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long [`transaction_outcome`] asks again when it gets no answer: long
+/// enough for a pool whose other connections broke too, far shorter than a
+/// PostgreSQL restart (after which the transaction's id may name another).
+const NO_ANSWER_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
