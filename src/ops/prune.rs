@@ -218,6 +218,14 @@ impl Cursor {
         at: DateTime::<Utc>::UNIX_EPOCH,
         id: uuid::Uuid::nil(),
     };
+
+    /// Moves past a batch pruned by event id; returns how many it pruned.
+    fn past_ids(&mut self, pruned: &[uuid::Uuid]) -> i64 {
+        if let Some(last) = pruned.iter().max() {
+            self.id = *last;
+        }
+        pruned.len() as i64
+    }
 }
 
 /// What one prune removes, older than its cutoff.
@@ -403,10 +411,7 @@ impl Pass {
                 )
                 .fetch_all(conn)
                 .await?;
-                if let Some(last) = pruned.iter().max() {
-                    cursor.id = *last;
-                }
-                return Ok(pruned.len() as i64);
+                return Ok(cursor.past_ids(&pruned));
             }
             Self::DefaultPayloads(before) => {
                 // The DEFAULT partition holds ids no partition was made for
@@ -433,10 +438,7 @@ impl Pass {
                 )
                 .fetch_all(conn)
                 .await?;
-                if let Some(last) = pruned.iter().max() {
-                    cursor.id = *last;
-                }
-                return Ok(pruned.len() as i64);
+                return Ok(cursor.past_ids(&pruned));
             }
             Self::LegacyPayloads(before) => {
                 // The literal conditions match inbox_events_prunable_idx, so
