@@ -70,8 +70,8 @@ async fn drain(kind: &str, url: &str, events: i64) -> anyhow::Result<f64> {
              INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256)
              SELECT id, 'begini', 'sandbox', 'bench-' || g, 'psychometric_score.complete', md5(p) FROM seed
          )
-         INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
-         SELECT id, convert_to(p, 'UTF8'), p::jsonb, '{}' FROM seed",
+         INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+         SELECT id, convert_to(p, 'UTF8'), true, '{}' FROM seed",
     )
     .bind(events)
     .execute(&pool)

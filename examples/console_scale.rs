@@ -83,8 +83,8 @@ async fn main() -> anyhow::Result<()> {
                    CASE WHEN s IN ('dead', 'retrying') THEN 'downstream answered HTTP 503' END
             FROM seed
         )
-        INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
-        SELECT id, convert_to(p, 'UTF8'), p::jsonb, '{}' FROM seed
+        INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+        SELECT id, convert_to(p, 'UTF8'), true, '{}' FROM seed
         "#,
     )
     .bind(events)

@@ -55,8 +55,8 @@ async fn main() -> anyhow::Result<()> {
                     md5(p), now(), 'downstream answered HTTP 503'
              FROM seed
          )
-         INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
-         SELECT id, convert_to(p, 'UTF8'), p::jsonb, '{}' FROM seed",
+         INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+         SELECT id, convert_to(p, 'UTF8'), true, '{}' FROM seed",
     )
     .bind(events)
     .execute(&pool)

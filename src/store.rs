@@ -18,8 +18,9 @@ pub struct NewDelivery {
     /// For a source with an `ordering_key`: the event's key and time.
     pub ordering: Option<EventOrdering>,
     pub payload: Vec<u8>,
-    /// The payload as JSON text, when it is JSON PostgreSQL can store.
-    pub payload_json: Option<String>,
+    /// The payload is JSON PostgreSQL's `jsonb` can hold: `inbox_events.payload_json`
+    /// is then computed from the bytes (stored once).
+    pub payload_is_json: bool,
     pub headers: serde_json::Value,
     pub payload_sha256: String,
     pub remote_addr: Option<IpAddr>,
@@ -160,7 +161,7 @@ async fn ingest_statement(
     let environments = text(|d| Some(&d.environment));
     let keys = text(|d| Some(&d.event_key));
     let types = text(|d| d.event_type.as_deref());
-    let json = text(|d| d.payload_json.as_deref());
+    let is_json: Vec<bool> = batch.iter().map(|d| d.payload_is_json).collect();
     let shas = text(|d| Some(&d.payload_sha256));
     let headers: Vec<String> = batch.iter().map(|d| d.headers.to_string()).collect();
     let addresses: Vec<Option<String>> = batch
@@ -185,11 +186,11 @@ async fn ingest_statement(
         r#"
         WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                 $6::bytea[], $7::text[], $8::text[], $9::text[], $10::text[],
+                                 $6::bytea[], $7::bool[], $8::text[], $9::text[], $10::text[],
                                  $12::text[], $13::timestamptz[], $14::bool[], $15::bool[])
                           WITH ORDINALITY
                      AS i(id, source, environment, event_key, event_type,
-                          payload, payload_json, headers, payload_sha256, remote_addr,
+                          payload, payload_is_json, headers, payload_sha256, remote_addr,
                           ordering_key, ordered_at, dead_blocks, skip_if_stale, position)
         ), first AS (
             SELECT DISTINCT ON (source, event_key) *
@@ -207,8 +208,8 @@ async fn ingest_statement(
             RETURNING id, source, event_key, payload_sha256
         ), payload AS (
             -- The bytes of new events only, in the partition of their id.
-            INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
-            SELECT f.id, f.payload, f.payload_json::jsonb, f.headers::jsonb
+            INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+            SELECT f.id, f.payload, f.payload_is_json, f.headers::jsonb
             FROM first f JOIN inserted n ON n.id = f.id
         ), stored AS (
             SELECT id, source, event_key, payload_sha256, true AS fresh FROM inserted
@@ -240,7 +241,7 @@ async fn ingest_statement(
         &keys as &[Option<&str>],
         &types as &[Option<&str>],
         &payloads as &[&[u8]],
-        &json as &[Option<&str>],
+        &is_json,
         &headers,
         &shas as &[Option<&str>],
         &addresses as &[Option<String>],

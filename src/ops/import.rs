@@ -233,7 +233,7 @@ async fn import_batch(
             environment: source.environment.clone(),
             event_key: fields.event_key,
             event_type: fields.event_type,
-            payload_json: fields.json_text.map(str::to_owned),
+            payload_is_json: fields.json_text.is_some(),
             payload: payload.clone(),
             headers: serde_json::json!({}),
             payload_sha256: sha,

@@ -159,7 +159,7 @@ async fn accept(
         event_key: fields.event_key,
         event_type: fields.event_type,
         ordering: fields.ordering,
-        payload_json: fields.json_text.map(str::to_owned),
+        payload_is_json: fields.json_text.is_some(),
         payload: body.to_vec(),
         headers: headers::stored_headers(
             request

@@ -92,7 +92,7 @@ pub async fn claim(
     let rows = sqlx::query!(
         r#"
         SELECT id AS "id!", source AS "source!", event_key AS "event_key!", event_type,
-               attempts AS "attempts!", payload, payload_json, attempt_id AS "attempt_id!",
+               attempts AS "attempts!", payload, payload_is_json AS "payload_is_json!", attempt_id AS "attempt_id!",
                attempt_started_at AS "attempt_started_at!", handler, stale AS "stale!"
         FROM inbox_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
         "#,
@@ -122,8 +122,14 @@ pub async fn claim(
                 event_key: row.event_key,
                 event_type: row.event_type,
                 attempt: row.attempts,
+                // The payload is stored once, as bytes (schema V12): its JSON is
+                // parsed here, in the worker, not by the database.
+                payload_json: row
+                    .payload
+                    .as_deref()
+                    .filter(|_| row.payload_is_json)
+                    .and_then(|bytes| serde_json::from_slice(bytes).ok()),
                 payload: row.payload.unwrap_or_default(),
-                payload_json: row.payload_json,
             },
             attempt: AttemptRow {
                 id: row.attempt_id,

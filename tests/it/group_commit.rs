@@ -93,7 +93,7 @@ async fn a_key_repeated_within_one_batch_is_stored_once_then_duplicate_then_conf
         environment: "sandbox".into(),
         event_key: key.into(),
         event_type: None,
-        payload_json: None,
+        payload_is_json: false,
         payload: body.to_vec(),
         headers: serde_json::json!({}),
         payload_sha256: sha256_hex(body),

@@ -153,7 +153,7 @@ fn delivery_of(body: &[u8], key: &str) -> NewDelivery {
         environment: "sandbox".into(),
         event_key: key.into(),
         event_type: Some("application.complete".into()),
-        payload_json: Some(String::from_utf8(body.to_vec()).unwrap()),
+        payload_is_json: true,
         payload: body.to_vec(),
         headers: serde_json::json!({}),
         payload_sha256: sha,

@@ -64,6 +64,64 @@ async fn begini_signed_delivery_is_accepted_and_stored() {
 }
 
 #[tokio::test]
+async fn a_json_payload_is_stored_once_and_still_reads_as_json() {
+    let app = TestApp::begini().await;
+    let uid = unique_uid();
+    let body = begini_payload(&uid, "psychometric_score.complete");
+
+    let id = app.post_signed("begini", &body).await.event_id();
+
+    let stored = sqlx::query!(
+        r#"SELECT payload, payload_json IS NULL AS "json_not_stored!", payload_is_json
+           FROM inbox_payloads WHERE event_id = $1"#,
+        id
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored.payload.as_deref(), Some(body.as_slice()));
+    assert!(stored.json_not_stored, "the bytes are the one copy");
+    assert!(stored.payload_is_json);
+    let read = sqlx::query!(
+        r#"SELECT payload_json ->> 'uid' AS uid, payload_json -> 'event' ->> 'type' AS kind
+           FROM inbox_events WHERE id = $1 AND payload_json @> '{"event": {"type": "psychometric_score.complete"}}'"#,
+        id
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (read.uid.as_deref(), read.kind.as_deref()),
+        (Some(uid.as_str()), Some("psychometric_score.complete"))
+    );
+}
+
+#[tokio::test]
+async fn json_that_jsonb_cannot_hold_keeps_its_bytes_without_payload_json() {
+    let app = TestApp::begini().await;
+    let body = format!(
+        r#"{{"uid":"{}","event":{{"type":"application.complete"}},"note":"a\u0000b"}}"#,
+        unique_uid()
+    )
+    .into_bytes();
+
+    let answer = app.post_signed("begini", &body).await;
+
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let row = sqlx::query!(
+        r#"SELECT e.payload, e.payload_json IS NULL AS "no_json!", p.payload_is_json
+           FROM inbox_events e JOIN inbox_payloads p ON p.event_id = e.id WHERE e.id = $1"#,
+        answer.event_id()
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.payload.as_deref(), Some(body.as_slice()));
+    assert!(row.no_json);
+    assert!(!row.payload_is_json);
+}
+
+#[tokio::test]
 async fn duplicate_delivery_is_acknowledged_but_not_stored_twice() {
     let app = TestApp::begini().await;
     let body = begini_payload(&unique_uid(), "application.complete");

@@ -70,7 +70,7 @@ async fn store_event(db: &TestDb, event_type: &str) -> Uuid {
         environment: "sandbox".into(),
         event_key: sha.clone(),
         event_type: Some(event_type.into()),
-        payload_json: Some(String::from_utf8(body.clone()).unwrap()),
+        payload_is_json: true,
         payload: body,
         headers: serde_json::json!({}),
         payload_sha256: sha,
