@@ -6,6 +6,8 @@
 #     and the batched limit: 32 events per transaction, 4 clients
 # (b) receiver ingest with hookbox loadtest, 64 connections
 # (c) worker drain of 200,000 stored events through a sql handler inserting a row each
+# (w) the same drain by graphile-worker 0.17.3 in its batched mode (bench/graphile,
+#     needs node and npm; not in the default phases); with (c), the ratio
 # (d) end-to-end latency, 200 -> handler start, at 1,000 events/s offered
 # (e) peak RSS of the receiver and the worker
 # (o) the same drain as (c) with per-key ordering on, 10,000 keys; its ratio to (c)
@@ -14,7 +16,9 @@
 # prints each process's share of the CPU and the hottest symbols.
 # (s) storage: ingest, drain, then bytes per stored event against the payload
 # (m) 1, 2 and 4 receivers (ingest), then 1, 2 and 4 workers (drain), one PostgreSQL
-# PHASES=d (any of a, b, c, d, o, k, s, m; default abdcoks) runs only those phases.
+# (g) ingest and drain on an empty database, then with STORED (10,000,000)
+#     finished events stored, in one run (not in the default phases: ~20 min)
+# PHASES=d (any of a, b, c, w, d, o, k, s, m, g; default abdcoks) runs only those phases.
 # pg_stat_statements is loaded (statements inside functions counted too), so
 # (c), (d), (o) and (k) print what each statement costs; with PROFILE=1, its
 # planning too.
@@ -116,7 +120,6 @@ peak_rss() { awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' "/proc/$1/status"; }
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $("$pg_bin/postgres" --version)"
 
-echo "== (a) the ceiling: pgbench, one transaction per event (event ON CONFLICT DO NOTHING, its payload, a delivery row)"
 payload=$(python3 -c 'import json; print(json.dumps({"uid": "U", "integration_id": "1", "event": {"type": "psychometric_score.complete", "details": {"score": 700, "notes": "x" * 800}}}))')
 cat > "$work/naive.sql" <<SQL
 BEGIN;
@@ -125,12 +128,13 @@ WITH event AS (
     VALUES ($v7, 'begini', 'sandbox', gen_random_uuid()::text, 'psychometric_score.complete', md5(random()::text))
     ON CONFLICT (source, event_key) DO NOTHING
     RETURNING id)
-INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
-SELECT id, convert_to('$payload', 'UTF8'), '$payload'::jsonb, '{}' FROM event;
+INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+SELECT id, convert_to('$payload', 'UTF8'), true, '{}' FROM event;
 INSERT INTO inbox_deliveries (source, remote_addr, outcome, payload_sha256, status_code)
 VALUES ('begini', '127.0.0.1', 'accepted', md5(random()::text), 200);
 COMMIT;
 SQL
+phase a && echo "== (a) the ceiling: pgbench, one transaction per event (event ON CONFLICT DO NOTHING, its payload, a delivery row)"
 phase a && for clients in 16 64; do
     reset
     tps=$(as_pg "$pg_bin/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -c "$clients" -j 2 -T "$seconds" -f "$work/naive.sql" postgres 2>/dev/null \
@@ -147,8 +151,8 @@ WITH event AS (
     FROM generate_series(1, 32)
     ON CONFLICT (source, event_key) DO NOTHING
     RETURNING id)
-INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
-SELECT id, convert_to('$payload', 'UTF8'), '$payload'::jsonb, '{}' FROM event;
+INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+SELECT id, convert_to('$payload', 'UTF8'), true, '{}' FROM event;
 INSERT INTO inbox_deliveries (source, remote_addr, outcome, payload_sha256, status_code)
 SELECT 'begini', '127.0.0.1', 'accepted', md5(random()::text), 200 FROM generate_series(1, 32);
 COMMIT;
@@ -178,16 +182,10 @@ fi
 
 if phase s; then
 echo "== (s) storage: bytes per stored event (tables, indexes and TOAST), after ingest and drain"
-reset
-start_receiver
-"$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
-    --connections 32 --duration "${STORAGE_SECONDS:-20}s" | grep -E 'requests in' | sed 's/^/  /'
-"$bin/hookbox-worker" 2>/dev/null & worker=$!
-while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.5; done
-kill "$worker"; wait "$worker" 2>/dev/null || true
-psql -c "VACUUM inbox_event_state, inbox_payloads, inbox_deliveries, inbox_attempts" -c "CHECKPOINT"
 # Every relation an event's rows live in: the event, its payload, its
 # deliveries and attempts, each with its partitions, indexes and TOAST.
+storage_per_event() {
+psql -c "VACUUM inbox_event_state, inbox_payloads, inbox_deliveries, inbox_attempts" -c "CHECKPOINT" >/dev/null
 psql -At -c "WITH parts AS (
         SELECT c.oid FROM pg_class c
         WHERE c.relname IN ('inbox_event_state', 'inbox_payloads', 'inbox_deliveries', 'inbox_attempts')
@@ -197,7 +195,7 @@ psql -At -c "WITH parts AS (
     ), events AS (
         SELECT count(*) AS n, avg(octet_length(payload)) AS payload FROM inbox_events
     )
-    SELECT format('  %s events, payload %s bytes on average; stored: %s bytes per event = %sx the payload (events %s, payloads %s, deliveries %s, attempts %s per event)',
+    SELECT format('  $1: %s events, payload %s bytes on average; stored: %s bytes per event = %sx the payload (events %s, payloads %s, deliveries %s, attempts %s per event)',
         e.n, round(e.payload), round(sum(pg_total_relation_size(p.oid)) / e.n),
         round(sum(pg_total_relation_size(p.oid)) / e.n / e.payload, 2),
         round(pg_total_relation_size('inbox_event_state') / e.n::numeric),
@@ -205,6 +203,61 @@ psql -At -c "WITH parts AS (
         round((SELECT sum(pg_total_relation_size(i.inhrelid)) FROM pg_inherits i WHERE i.inhparent = 'inbox_deliveries'::regclass) / e.n),
         round((SELECT sum(pg_total_relation_size(i.inhrelid)) FROM pg_inherits i WHERE i.inhparent = 'inbox_attempts'::regclass) / e.n))
     FROM parts p, events e GROUP BY e.n, e.payload"
+}
+drained() { while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.5; done; }
+# A backlog: everything received first, then drained (every event's row is
+# rewritten twice after its page filled: the worst case for the event rows).
+reset
+start_receiver
+"$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
+    --connections 32 --duration "${STORAGE_SECONDS:-20}s" | grep -E 'requests in' | sed 's/^/  /'
+"$bin/hookbox-worker" 2>/dev/null & worker=$!
+drained
+kill "$worker"; wait "$worker" 2>/dev/null || true
+storage_per_event "backlog, then drained"
+# Steady: the worker drains while events arrive, as in service.
+reset
+"$bin/hookbox-worker" 2>/dev/null & worker=$!
+"$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
+    --connections 32 --duration "${STORAGE_SECONDS:-20}s" | grep -E 'requests in' | sed 's/^/  /'
+drained
+kill "$worker"; wait "$worker" 2>/dev/null || true
+storage_per_event "drained as received"
+# In service: a steady 1,000 events/s for STEADY_SECONDS (180), drained as
+# they come, with autovacuum as configured by default. What each further
+# event adds once the tables are past their start: the growth of every
+# relation from the first minute's end to the run's end, per event stored
+# in between (no VACUUM of ours: what a running system grows by).
+reset
+"$bin/hookbox-worker" 2>/dev/null & worker=$!
+sizes() {
+    psql -At -c "SELECT (SELECT count(*) FROM inbox_event_state),
+        pg_total_relation_size('inbox_event_state'),
+        (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('inbox_payloads')),
+        (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('inbox_deliveries')),
+        (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('inbox_attempts'))"
+}
+"$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
+    --connections 32 --rate 1000 --duration "${STEADY_SECONDS:-180}s" > "$work/steady.txt" &
+loader=$!
+sleep 60
+first=$(sizes)
+wait "$loader"
+last=$(sizes)
+drained
+kill "$worker"; wait "$worker" 2>/dev/null || true
+payload_avg=$(psql -At -c "SELECT avg(octet_length(payload)) FROM inbox_events")
+python3 - "$first" "$last" "$payload_avg" <<'PY'
+import sys
+a = [int(x) for x in sys.argv[1].split('|')]
+b = [int(x) for x in sys.argv[2].split('|')]
+n = b[0] - a[0]
+parts = [(b[i] - a[i]) / n for i in range(1, 5)]
+total = sum(parts)
+print(f"  in service, 1,000 events/s: {n} events after the first minute; each added {total:.0f} bytes"
+      f" = {total / float(sys.argv[3]):.2f}x the payload (events {parts[0]:.0f}, payloads {parts[1]:.0f},"
+      f" deliveries {parts[2]:.0f}, attempts {parts[3]:.0f})")
+PY
 fi
 
 if phase d; then
@@ -246,19 +299,23 @@ fi
 # ORDERING_KEYS keys, or none for 0), starts a worker, waits until every event is
 # done; prints the rate and sets $rate.
 drain() {
-    reset
-    # Received one after another (due in that order), as a receiver stores them.
-    # The state rows, then their payloads (in the partition of their id).
-    psql -c "INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
-                                            received_at, next_attempt_at, ordering_key, ordered_at, ordering_seq, dead_blocks, skip_if_stale)
-             SELECT $v7, 'begini', 'sandbox', 'k' || g, 'psychometric_score.complete', md5(g::text),
-                    now() - ($events - g) * interval '1 microsecond', now() - ($events - g) * interval '1 microsecond',
-                    CASE WHEN $2 > 0 THEN 'U' || (g % $2) END, CASE WHEN $2 > 0 THEN now() + g * interval '1 microsecond' END,
-                    CASE WHEN $2 > 0 THEN g END, CASE WHEN $2 > 0 THEN true END, CASE WHEN $2 > 0 THEN false END
-             FROM generate_series(1, $events) g" \
-         -c "INSERT INTO inbox_payloads (event_id, payload, payload_json, headers)
-             SELECT id, convert_to(p, 'UTF8'), p::jsonb, '{}'
-             FROM inbox_event_state, LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"psychometric_score.complete\"}}', event_key) AS p) x"
+    [ -n "${NO_RESET:-}" ] || reset
+    # Received one after another (due in that order), as a receiver stores them:
+    # the state rows and their payloads (in the partition of their id). Keys
+    # are new to the run (KEY_PREFIX), so that phase (g) can drain on top of
+    # stored events.
+    psql -c "WITH e AS (
+                 INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
+                                                received_at, next_attempt_at, ordering_key, ordered_at, ordering_seq, dead_blocks, skip_if_stale)
+                 SELECT $v7, 'begini', 'sandbox', '${KEY_PREFIX:-k}' || g, 'psychometric_score.complete', md5(g::text),
+                        now() - ($events - g) * interval '1 microsecond', now() - ($events - g) * interval '1 microsecond',
+                        CASE WHEN $2 > 0 THEN 'U' || (g % $2) END, CASE WHEN $2 > 0 THEN now() + g * interval '1 microsecond' END,
+                        CASE WHEN $2 > 0 THEN g END, CASE WHEN $2 > 0 THEN true END, CASE WHEN $2 > 0 THEN false END
+                 FROM generate_series(1, $events) g
+                 RETURNING id, event_key)
+             INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+             SELECT id, convert_to(p, 'UTF8'), true, '{}'
+             FROM e, LATERAL (SELECT format('{\"uid\":\"U%s\",\"event\":{\"type\":\"psychometric_score.complete\"}}', event_key) AS p) x"
     psql -c "VACUUM ANALYZE inbox_event_state, inbox_payloads"
     psql -At -c "SELECT pg_stat_statements_reset()" >/dev/null
     start=$(date +%s.%N)
@@ -286,6 +343,28 @@ drain drain 0
 unordered_rate=$rate
 fi
 
+if phase w; then
+echo "== (w) graphile-worker 0.17.3, batched: $events stored jobs, each one INSERT"
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "!! phase (w) SKIPPED: node and npm are needed (bench/graphile runs graphile-worker) !!" >&2
+    echo "  SKIPPED: node or npm not found"
+else
+    [ -d bench/graphile/node_modules ] || (cd bench/graphile && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    reset
+    psql -c "CREATE TABLE IF NOT EXISTS side_effects_graphile (job_id bigint NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())" \
+         -c "TRUNCATE side_effects_graphile" -c "CHECKPOINT"
+    # The runner enqueues (not timed), resets pg_stat_statements and times
+    # graphile-worker from its start until its job table is empty.
+    GRAPHILE_READY_SQL="SELECT pg_stat_statements_reset()" node bench/graphile/drain.js "$events" | tee "$work/graphile.txt" | sed 's/^/  /'
+    echo "  database time per drained job, by statement (pg_stat_statements):"
+    statement_costs "$events"
+    graphile_rate=$(grep -oE '[0-9]+ jobs/s' "$work/graphile.txt" | grep -oE '[0-9]+')
+    if [ -n "${unordered_rate:-}" ] && [ -n "$graphile_rate" ]; then
+        echo "  hookbox drain / graphile-worker batched drain, same run: $(python3 -c "print(f'{$unordered_rate / $graphile_rate:.2f}')")"
+    fi
+fi
+fi
+
 if phase o; then
 echo "== (o) worker drain with per-key ordering: $events stored events over 10,000 keys"
 drain ordered 10000
@@ -296,6 +375,60 @@ fi
 echo "  keys whose side effects are out of order: $(psql -At -c "SELECT count(*) FROM (
         SELECT e.ordering_key, s.at, lag(e.ordered_at) OVER (PARTITION BY e.ordering_key ORDER BY s.at, e.ordered_at) AS before, e.ordered_at
         FROM side_effects s JOIN inbox_events e ON e.id = s.event_id) x WHERE before > ordered_at")"
+fi
+
+if phase g; then
+stored=${STORED:-10000000}
+echo "== (g) cost as the work grows: ingest and drain on an empty database, then with $stored finished events stored"
+# ingest_and_drain LABEL: ingest for $seconds (64 connections, no worker),
+# then drain $events stored events; leaves ingest_rate and rate.
+ingest_and_drain() {
+    start_receiver
+    "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
+        --connections 64 --duration "${seconds}s" > "$work/ingest-$1.txt"
+    grep -E 'requests in|latency' "$work/ingest-$1.txt" | sed "s/^/  $1 ingest: /"
+    ingest_rate=$(grep -oE 'requests in [0-9.]+s: [0-9]+/s' "$work/ingest-$1.txt" | head -1 | grep -oE '[0-9]+/s' | tr -d '/s')
+    # What was ingested is processed first, so that the drain starts from stored events only.
+    "$bin/hookbox-worker" 2>/dev/null & worker=$!
+    while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.5; done
+    kill "$worker"; wait "$worker" 2>/dev/null || true
+    NO_RESET=1 KEY_PREFIX="$1-" drain "$1" 0 > "$work/drain-$1.txt"
+    grep -E 'drained|side effects' "$work/drain-$1.txt" | sed "s/^ /  $1/"
+}
+reset
+ingest_and_drain empty
+empty_ingest=$ingest_rate; empty_drain=$rate
+# Finished events received over the last 30 days (in the first partitions,
+# as history is): each with its payload (974 bytes), a delivery and an
+# attempt. A million per statement.
+fill_start=$(date +%s)
+for chunk in $(seq 0 $(( (stored - 1) / 1000000 ))); do
+    n=$(( stored - chunk * 1000000 < 1000000 ? stored - chunk * 1000000 : 1000000 ))
+    psql -q -c "WITH e AS (
+        INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256, status, attempts,
+                                       received_at, next_attempt_at, processed_at)
+        SELECT (left(inbox_uuid_at(t)::text, 14) || right(gen_random_uuid()::text, 22))::uuid, 'begini', 'sandbox',
+               'stored-$chunk-' || g, 'psychometric_score.complete', encode(sha256(g::text::bytea), 'hex'),
+               'succeeded', 1, t, t, t
+        FROM generate_series(1, $n) g,
+             LATERAL (SELECT now() - interval '30 days' + ($chunk * 1000000 + g) * (interval '25 days' / $stored) AS t) x
+        RETURNING id, received_at, event_key
+    ), p AS (
+        INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+        SELECT id, convert_to(format('{\"uid\":\"%s\",\"event\":{\"type\":\"psychometric_score.complete\",\"details\":{\"score\":700,\"notes\":\"%s\"}}}',
+                                     event_key, repeat(md5(event_key), 27)), 'UTF8'), true, '{\"content-type\":\"application/json\"}'
+        FROM e
+    ), d AS (
+        INSERT INTO inbox_deliveries (received_at, source, remote_addr, outcome, event_id, payload_sha256, status_code)
+        SELECT received_at, 'begini', '127.0.0.1', 'accepted', id, md5(event_key), 200 FROM e
+    )
+    INSERT INTO inbox_attempts (event_id, attempt, worker_id, handler, started_at, finished_at, outcome)
+    SELECT id, 1, 'fill', 'sql', received_at, received_at, 'succeeded' FROM e"
+done
+psql -q -c "VACUUM ANALYZE" -c "CHECKPOINT"
+echo "  stored $(psql -At -c "SELECT count(*) FROM inbox_event_state") events in $(( $(date +%s) - fill_start ))s; database $(psql -At -c "SELECT pg_size_pretty(pg_database_size(current_database()))")"
+ingest_and_drain stored
+echo "  with $stored stored / empty, same run: ingest $(python3 -c "print(f'{$ingest_rate / $empty_ingest:.2f}')"), drain $(python3 -c "print(f'{$rate / $empty_drain:.2f}')")"
 fi
 
 if phase k; then

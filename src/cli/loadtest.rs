@@ -208,19 +208,26 @@ pub async fn run(common: &CommonArgs, args: LoadtestArgs) -> anyhow::Result<Exit
 }
 
 /// A new event (about 1 KB, Begini's envelope) or, with probability
-/// `duplicates`, one already sent.
+/// `duplicates`, one already sent. The event is made outside the lock, and
+/// remembered only when duplicates are asked for: the generator's own work
+/// shares the machine with what it measures.
 fn next_body(shared: &Mutex<Shared>, duplicates: f64, scheme: &Scheme) -> Vec<u8> {
-    let mut shared = shared.lock().expect("not poisoned");
-    if !shared.sent.is_empty() && rand::random::<f64>() < duplicates {
-        let pick = rand::random_range(0..shared.sent.len());
-        return shared.sent[pick].clone();
+    if duplicates > 0.0 && rand::random::<f64>() < duplicates {
+        let shared = shared.lock().expect("not poisoned");
+        if !shared.sent.is_empty() {
+            let pick = rand::random_range(0..shared.sent.len());
+            return shared.sent[pick].clone();
+        }
     }
     let body = realistic_event(scheme);
-    if shared.sent.len() < 10_000 {
-        shared.sent.push(body.clone());
-    } else {
-        let slot = rand::random_range(0..shared.sent.len());
-        shared.sent[slot] = body.clone();
+    if duplicates > 0.0 {
+        let mut shared = shared.lock().expect("not poisoned");
+        if shared.sent.len() < 10_000 {
+            shared.sent.push(body.clone());
+        } else {
+            let slot = rand::random_range(0..shared.sent.len());
+            shared.sent[slot] = body.clone();
+        }
     }
     body
 }
