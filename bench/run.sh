@@ -19,6 +19,8 @@
 # (g) ingest and drain on an empty database, then with STORED (10,000,000)
 #     finished events stored, in one run (not in the default phases: ~20 min)
 # PHASES=d (any of a, b, c, w, d, o, k, s, m, g; default abdcoks) runs only those phases.
+# PG_SERVER_OPTIONS adds server settings ("-c auto_explain..."); KEEP_PG_LOG=file
+# keeps the server's log.
 # pg_stat_statements is loaded (statements inside functions counted too), so
 # (c), (d), (o) and (k) print what each statement costs; with PROFILE=1, its
 # planning too.
@@ -48,6 +50,7 @@ workers=(); receivers=()
 cleanup() {
     kill "${receiver:-}" "${worker:-}" "${workers[@]}" "${receivers[@]}" 2>/dev/null || true
     as_pg "$pg_bin/pg_ctl" stop -m fast -D "$pgdata" >/dev/null 2>&1 || true
+    [ -z "${KEEP_PG_LOG:-}" ] || cp "$pgdata/log" "$KEEP_PG_LOG" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -55,7 +58,7 @@ trap cleanup EXIT
 track_planning=""; [ -n "${PROFILE:-}" ] && track_planning="-c pg_stat_statements.track_planning=on"
 as_pg "$pg_bin/initdb" -U postgres --auth=trust -E UTF8 --locale=C -D "$pgdata" >/dev/null
 as_pg "$pg_bin/pg_ctl" start -w -D "$pgdata" -l "$pgdata/log" \
-    -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all $track_planning" >/dev/null
+    -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all $track_planning ${PG_SERVER_OPTIONS:-}" >/dev/null
 export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 export BEGINI_API_KEY=bench-key-for-the-benchmark RUST_LOG=warn PGOPTIONS="-c client_min_messages=warning"
 psql() { command psql -q -X -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
