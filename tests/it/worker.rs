@@ -1235,22 +1235,15 @@ async fn a_claim_after_a_burst_the_statistics_have_not_seen_reads_only_its_candi
              FROM generate_series(1, {n}) g"
         )
     };
-    sqlx::query("ALTER TABLE inbox_event_state SET (autovacuum_enabled = false)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    sqlx::query(&insert("succeeded", 20_000))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    sqlx::query("ANALYZE inbox_event_state")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    sqlx::query(&insert("pending", 10_000))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    // Finished events analyzed, autovacuum off, then a burst of pending ones.
+    for statement in [
+        "ALTER TABLE inbox_event_state SET (autovacuum_enabled = false)".to_owned(),
+        insert("succeeded", 20_000),
+        "ANALYZE inbox_event_state".to_owned(),
+        insert("pending", 10_000),
+    ] {
+        sqlx::query(&statement).execute(&db.pool).await.unwrap();
+    }
 
     let mut transaction = db.pool.begin().await.unwrap();
     let claimed: i64 = sqlx::query_scalar(
