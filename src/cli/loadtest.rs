@@ -36,11 +36,6 @@ pub struct LoadtestArgs {
     /// Share of deliveries that repeat an event already sent (0.0 to 1.0).
     #[arg(long, default_value_t = 0.0)]
     pub duplicates: f64,
-    /// Make and sign this many new events before the clock starts, and send
-    /// them first (events are made as they are sent once these run out). On
-    /// one machine, the generator then takes less of the CPU it measures.
-    #[arg(long, default_value_t = 0, conflicts_with = "duplicates")]
-    pub prepared: usize,
     /// Seconds to wait for each answer.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
@@ -99,7 +94,6 @@ pub async fn run(common: &CommonArgs, args: LoadtestArgs) -> anyhow::Result<Exit
         sent: Vec::new(),
         acks: args.acks.as_ref().map(|_| Vec::new()),
     }));
-    let mut prepared = prepare(&source, args.prepared, args.connections);
     let started = Instant::now();
     let deadline = started + args.duration.0;
     // Open loop: each connection keeps its share of the rate, late or not.
@@ -115,7 +109,6 @@ pub async fn run(common: &CommonArgs, args: LoadtestArgs) -> anyhow::Result<Exit
                 args.url.clone(),
             );
             let duplicates = args.duplicates;
-            let mut prepared = std::mem::take(&mut prepared[lane]);
             tokio::spawn(async move {
                 let mut ticker = period.map(|p| {
                     let mut interval = tokio::time::interval_at(
@@ -129,14 +122,15 @@ pub async fn run(common: &CommonArgs, args: LoadtestArgs) -> anyhow::Result<Exit
                     if let Some(ticker) = ticker.as_mut() {
                         ticker.tick().await;
                     }
-                    let signed = prepared.pop().unwrap_or_else(|| {
-                        signed_event(&source, next_body(&shared, duplicates, &source.scheme))
-                    });
+                    let body = next_body(&shared, duplicates, &source.scheme);
+                    let now = chrono::Utc::now().timestamp();
+                    let message_id = format!("msg_{}", uuid::Uuid::now_v7().simple());
+                    let signature = source.scheme.sign(&source.keys[0], &body, now, &message_id);
                     let mut request = client
                         .post(&url)
                         .header("content-type", "application/json")
-                        .body(signed.body);
-                    for (name, value) in signed.headers {
+                        .body(body);
+                    for (name, value) in signature {
                         request = request.header(name, value);
                     }
                     let sent_at = Instant::now();
@@ -211,41 +205,6 @@ pub async fn run(common: &CommonArgs, args: LoadtestArgs) -> anyhow::Result<Exit
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A body with the headers that sign it.
-struct SignedEvent {
-    body: Vec<u8>,
-    headers: Vec<(String, String)>,
-}
-
-fn signed_event(source: &crate::config::Source, body: Vec<u8>) -> SignedEvent {
-    let now = chrono::Utc::now().timestamp();
-    let message_id = format!("msg_{}", uuid::Uuid::now_v7().simple());
-    let headers = source.scheme.sign(&source.keys[0], &body, now, &message_id);
-    SignedEvent { body, headers }
-}
-
-/// `count` new signed events split over `lanes`, each lane's in the order it
-/// pops them, made on every core.
-fn prepare(source: &crate::config::Source, count: usize, lanes: usize) -> Vec<Vec<SignedEvent>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut prepared: Vec<Vec<SignedEvent>> = (0..lanes).map(|_| Vec::new()).collect();
-    std::thread::scope(|scope| {
-        for (thread, chunk) in prepared.chunks_mut(lanes.div_ceil(threads)).enumerate() {
-            let first_lane = thread * lanes.div_ceil(threads);
-            scope.spawn(move || {
-                for (offset, lane) in chunk.iter_mut().enumerate() {
-                    let share = count / lanes + usize::from(first_lane + offset < count % lanes);
-                    lane.extend(
-                        (0..share).map(|_| signed_event(source, realistic_event(&source.scheme))),
-                    );
-                    lane.reverse();
-                }
-            });
-        }
-    });
-    prepared
 }
 
 /// A new event (about 1 KB, Begini's envelope) or, with probability

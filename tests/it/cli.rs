@@ -234,47 +234,6 @@ fn the_configuration_reference_example_is_accepted_and_names_every_documented_ke
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn loadtest_sends_its_prepared_events_first_then_makes_new_ones() {
-    let config = BEGINI_CONFIG.replace("max_body_bytes = 4096", "max_body_bytes = 65536");
-    let app = TestApp::spawn(&config, &[("BEGINI_API_KEY", BEGINI_KEY)]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("hookbox.toml");
-    std::fs::write(&path, &config).unwrap();
-    let url = format!("{}/webhooks/begini", app.address);
-    let output = tokio::task::spawn_blocking(move || {
-        hookbox()
-            .args(["loadtest", "--source", "begini", "--url", &url])
-            .args(["--connections", "3", "--duration", "2s", "--rate", "100"])
-            .args(["--prepared", "50", "--json", "--config"])
-            .arg(&path)
-            .env("BEGINI_API_KEY", BEGINI_KEY)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let requests = report["requests"].as_i64().unwrap();
-    assert!(requests > 100, "more than the 50 prepared: {report}");
-    assert_eq!(
-        report["statuses"]["200"].as_i64(),
-        Some(requests),
-        "every event, prepared or not, signed and accepted: {report}"
-    );
-    assert_eq!(
-        app.count("SELECT count(*) FROM inbox_deliveries WHERE outcome = 'accepted'")
-            .await,
-        requests,
-        "every event new"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadtest_sends_signed_events_with_duplicates_and_reports_what_it_saw() {
     let config = BEGINI_CONFIG.replace("max_body_bytes = 4096", "max_body_bytes = 65536");
     let app = TestApp::spawn(&config, &[("BEGINI_API_KEY", BEGINI_KEY)]).await;
