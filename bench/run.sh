@@ -423,13 +423,14 @@ ingest_and_drain() {
     kill "$worker"; wait "$worker" 2>/dev/null || true
     # What else the server did during the drain: checkpoints, and the tables
     # autovacuum worked on (sampled each second).
-    checkpoints_before=$(psql -At -c "SELECT checkpoints_timed + checkpoints_req || ' ' || buffers_checkpoint FROM pg_stat_bgwriter")
+    checkpoint_counts() { psql -At -F ' ' -c "SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint FROM pg_stat_bgwriter"; }
+    read -r checkpoints_before buffers_before <<< "$(checkpoint_counts)"
     (while :; do psql -At -c "SELECT relid::regclass FROM pg_stat_progress_vacuum" 2>/dev/null; sleep 1; done > "$work/vacuum-$1.txt") & sampler=$!
     NO_RESET=1 KEY_PREFIX="$1-" drain "$1" 0 > "$work/drain-$1.txt"
     kill "$sampler"; wait "$sampler" 2>/dev/null || true
     sed "s/^ /  $1/" "$work/drain-$1.txt"
-    read -r checkpoints_after buffers_after <<< "$(psql -At -c "SELECT checkpoints_timed + checkpoints_req || ' ' || buffers_checkpoint FROM pg_stat_bgwriter")"
-    echo "  $1 drain: $(( checkpoints_after - ${checkpoints_before% *} )) checkpoints, $(( buffers_after - ${checkpoints_before#* } )) buffers written by them (and the checkpoint before it)"
+    read -r checkpoints_after buffers_after <<< "$(checkpoint_counts)"
+    echo "  $1 drain: $(( checkpoints_after - checkpoints_before )) checkpoints, $(( buffers_after - buffers_before )) buffers written by them (and the checkpoint before it)"
     echo "  $1 drain: autovacuum seen (seconds, table): $(sort "$work/vacuum-$1.txt" | uniq -c | sort -rn | awk '{printf "%s %s; ", $1, $2}')"
 }
 reset
