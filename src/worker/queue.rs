@@ -161,6 +161,9 @@ pub async fn lock_held(
     // The lease conditions sit inside CASE so that the plan stays on the
     // primary key: written plainly they match the lease index's predicate,
     // and the planner may walk that index (every recently claimed event).
+    // The open-attempt check likewise: `finished_at IS NULL` written plainly
+    // matches the in-flight attempt index's predicate, and each lookup would
+    // walk every attempt in flight.
     let held = sqlx::query_scalar!(
         r#"
         SELECT e.id
@@ -172,7 +175,8 @@ pub async fn lock_held(
                         AND e.attempts = c.attempt
                         AND EXISTS (SELECT 1 FROM inbox_attempts a
                                     WHERE a.id = c.attempt_id AND a.started_at = c.attempt_started_at
-                                      AND a.event_id = e.id AND a.finished_at IS NULL)
+                                      AND a.event_id = e.id
+                                      AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END)
                    THEN true ELSE false END
         ORDER BY e.id
         FOR NO KEY UPDATE OF e SKIP LOCKED
@@ -251,7 +255,9 @@ pub async fn finish(
             -- The lease conditions sit inside CASE so that the plan stays on
             -- the primary key: written plainly they match the lease index's
             -- predicate, and the planner walks that index (every recently
-            -- finished event, until vacuum) instead.
+            -- finished event, until vacuum) instead. The open-attempt check
+            -- too: plainly it matches the in-flight attempt index, and each
+            -- lookup walks every attempt in flight (migrations/V4).
             WHERE e.id = o.event_id
               AND CASE WHEN e.status = 'processing' AND e.locked_by = $9 AND e.attempts = o.attempt
                             -- This claim's own attempt row, still open: after a rescue and
@@ -259,7 +265,8 @@ pub async fn finish(
                             -- same attempt number.
                             AND EXISTS (SELECT 1 FROM inbox_attempts a
                                         WHERE a.id = o.attempt_id AND a.started_at = o.attempt_started_at
-                                          AND a.event_id = e.id AND a.finished_at IS NULL)
+                                          AND a.event_id = e.id
+                                          AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END)
                        THEN true ELSE false END
             RETURNING e.id, e.source, e.ordering_key,
                       e.status IN ('succeeded', 'skipped') OR (e.status = 'dead' AND NOT e.dead_blocks) AS frees_key
@@ -335,7 +342,9 @@ pub async fn rescue_expired(pool: &PgPool, max_attempts: i32) -> Result<u64, sql
         UPDATE inbox_attempts a
         SET finished_at = now(), outcome = 'lease_expired', error = rescued.last_error
         FROM rescued
-        WHERE a.event_id = rescued.id AND a.attempt = rescued.attempts AND a.finished_at IS NULL
+        -- CASE keeps the plan on (event_id, attempt), not the in-flight index.
+        WHERE a.event_id = rescued.id AND a.attempt = rescued.attempts
+          AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END
         "#,
         max_attempts,
     )
@@ -374,7 +383,9 @@ pub async fn release(
         SET finished_at = now(), outcome = CASE WHEN released.status = 'dead' THEN 'dead' ELSE 'retry' END,
             error = 'released: the worker stopped before the handler finished'
         FROM released
-        WHERE a.event_id = released.id AND a.attempt = released.attempts AND a.finished_at IS NULL
+        -- CASE keeps the plan on (event_id, attempt), not the in-flight index.
+        WHERE a.event_id = released.id AND a.attempt = released.attempts
+          AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END
         "#,
         worker_id,
         max_attempts,

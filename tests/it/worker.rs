@@ -1267,3 +1267,83 @@ async fn a_claim_after_a_burst_the_statistics_have_not_seen_reads_only_its_candi
         "the claim fetched {fetched} event rows through indexes for 500 candidates"
     );
 }
+
+#[tokio::test]
+async fn completing_a_batch_while_thousands_of_attempts_are_in_flight_reads_only_its_own_attempts()
+{
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id, attempt) VALUES ($3, $6)\"\n"
+    ))
+    .await;
+    let events = |status: &str, n: i32| {
+        format!(
+            "WITH event AS (
+                 INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
+                                                status, attempts, processed_at, locked_by, locked_until)
+                 SELECT gen_random_uuid(), 'begini', 'sandbox', '{status}-' || g, 't', md5(g::text), '{status}', 1,
+                        CASE WHEN '{status}' = 'succeeded' THEN now() END,
+                        CASE WHEN '{status}' = 'processing' THEN 'another-worker' END,
+                        CASE WHEN '{status}' = 'processing' THEN now() + interval '1 hour' END
+                 FROM generate_series(1, {n}) g
+                 RETURNING id
+             )
+             INSERT INTO inbox_attempts (event_id, attempt, worker_id, handler, finished_at, outcome)
+             SELECT id, 1, 'another-worker', 'h',
+                    CASE WHEN '{status}' = 'succeeded' THEN now() END,
+                    CASE WHEN '{status}' = 'succeeded' THEN 'succeeded' END
+             FROM event"
+        )
+    };
+    // A day's finished attempts as the statistics last saw them (almost none
+    // in flight), then, before autovacuum looks again, another worker's
+    // thousands of open attempts.
+    for statement in [
+        events("succeeded", 20_000),
+        "ANALYZE inbox_event_state, inbox_attempts".to_owned(),
+        "DO $$ DECLARE p regclass; BEGIN
+             FOR p IN SELECT inhrelid::regclass FROM pg_inherits WHERE inhparent = 'inbox_attempts'::regclass LOOP
+                 EXECUTE format('ALTER TABLE %s SET (autovacuum_enabled = false)', p);
+             END LOOP;
+         END $$"
+            .to_owned(),
+        events("processing", 3_000),
+    ] {
+        sqlx::query(&statement).execute(&setup.db.pool).await.unwrap();
+    }
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids.push(store_event(&setup.db, "psychometric_score.complete").await);
+    }
+
+    let mut finished = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while finished < ids.len() && Instant::now() < deadline {
+        finished += setup.worker.process_next().await.unwrap().len();
+    }
+
+    assert_eq!(finished, ids.len());
+    for id in &ids {
+        assert_eq!(status_of(&setup.db, *id).await, "succeeded");
+    }
+    // The worker's backends report their reads when they go idle; its
+    // updates to the attempt rows arrive in the same report.
+    let reports = "SELECT coalesce(sum(t.n_tup_upd), 0)::int8 FROM pg_stat_user_tables t
+                   JOIN pg_inherits i ON i.inhrelid = t.relid
+                   WHERE i.inhparent = 'inbox_attempts'::regclass";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar(&setup.db, reports).await < ids.len() as i64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let in_flight_reads = scalar(
+        &setup.db,
+        "SELECT coalesce(sum(s.idx_tup_read), 0)::int8 FROM pg_stat_user_indexes s
+         JOIN pg_index x ON x.indexrelid = s.indexrelid
+         JOIN pg_inherits i ON i.inhrelid = s.relid
+         WHERE i.inhparent = 'inbox_attempts'::regclass AND x.indpred IS NOT NULL",
+    )
+    .await;
+    assert!(
+        in_flight_reads < 3_000,
+        "completing 100 events read {in_flight_reads} entries of the in-flight attempt index"
+    );
+}
