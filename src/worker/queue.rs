@@ -148,7 +148,14 @@ pub async fn claim(
 /// or a newer claim of this worker's, and are neither locked nor waited for
 /// (SKIP LOCKED: a row locked by someone else is one this claim no longer
 /// holds). The claim is checked before the lock is taken, so a stale
-/// completion never locks the row of a newer claim of the same event.
+/// completion does not lock the row of a newer claim of the same event.
+/// One narrow exception, found with interleavings and left as it is: if a
+/// rescue, a replay and a new claim by this same worker all land while this
+/// statement runs, PostgreSQL's recheck of the changed row sees the old
+/// attempt row still open (the statement's snapshot) and locks the new
+/// claim's row. The stale `finish` then records nothing, and the new claim
+/// finds its lease lost: the event runs again once that lease expires.
+/// Nothing is recorded twice.
 pub async fn lock_held(
     conn: &mut PgConnection,
     worker_id: &str,
