@@ -1331,9 +1331,15 @@ async fn completing_a_batch_while_thousands_of_attempts_are_in_flight_reads_only
                    JOIN pg_inherits i ON i.inhrelid = t.relid
                    WHERE i.inhparent = 'inbox_attempts'::regclass";
     let deadline = Instant::now() + Duration::from_secs(20);
-    while scalar(&setup.db, reports).await < ids.len() as i64 && Instant::now() < deadline {
+    let mut reported = scalar(&setup.db, reports).await;
+    while reported < ids.len() as i64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
+        reported = scalar(&setup.db, reports).await;
     }
+    assert!(
+        reported >= ids.len() as i64,
+        "the worker's reads were never reported, so none could be counted"
+    );
     let in_flight_reads = scalar(
         &setup.db,
         "SELECT coalesce(sum(s.idx_tup_read), 0)::int8 FROM pg_stat_user_indexes s
