@@ -12,6 +12,8 @@
 //! `SOAK_RETENTION_MINUTES=10` adds retention: partitions of one minute, and
 //! every minute `hookbox prune` of everything older than that many minutes
 //! (payloads, deliveries, attempts), as an operator's scheduled job would.
+//! `SOAK_KEY_WINDOW_MINUTES=10` (with it) also deletes whole events that
+//! finished longer ago than that (`--keys-older-than`): a dedup window.
 
 use std::{
     io::Write,
@@ -38,6 +40,10 @@ fn main() -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(&out)?;
     let retention: Option<u64> = std::env::var("SOAK_RETENTION_MINUTES")
+        .ok()
+        .map(|m| m.parse())
+        .transpose()?;
+    let key_window: Option<u64> = std::env::var("SOAK_KEY_WINDOW_MINUTES")
         .ok()
         .map(|m| m.parse())
         .transpose()?;
@@ -72,6 +78,19 @@ fn main() -> anyhow::Result<()> {
         sqlx::query("CREATE TABLE side_effects (event_id uuid NOT NULL)")
             .execute(&pool)
             .await?;
+        // The events a dedup window deleted, to check the books at the end.
+        sqlx::raw_sql(
+            "CREATE TABLE pruned_events (event_id uuid NOT NULL, status text NOT NULL);
+             CREATE FUNCTION soak_note_pruned() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO pruned_events VALUES (OLD.id, OLD.status);
+                 RETURN OLD;
+             END $$;
+             CREATE TRIGGER soak_note_pruned AFTER DELETE ON inbox_event_state
+                 FOR EACH ROW EXECUTE FUNCTION soak_note_pruned();",
+        )
+        .execute(&pool)
+        .await?;
         sqlx::query(
             "CREATE FUNCTION soak_handle(event uuid) RETURNS void LANGUAGE plpgsql AS $$
              BEGIN
@@ -182,7 +201,7 @@ fn main() -> anyhow::Result<()> {
             if minute > last_prune {
                 last_prune = minute;
                 let older = format!("{minutes}m");
-                let args: Vec<String> = [
+                let mut args: Vec<String> = [
                     "prune",
                     "--older-than",
                     &older,
@@ -196,6 +215,9 @@ fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
+                if let Some(window) = key_window {
+                    args.extend(["--keys-older-than".to_owned(), format!("{window}m")]);
+                }
                 // A prune during the database's restart fails; the next one
                 // catches up.
                 let _ = spawn("hookbox", &args)?.wait_with_output();
@@ -238,14 +260,16 @@ fn main() -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        let row: (i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        let row: (i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM inbox_events),
-                    (SELECT count(*) FROM inbox_events WHERE status = 'succeeded'),
+                    (SELECT count(*) FROM inbox_events WHERE status = 'succeeded')
+                    + (SELECT count(*) FROM pruned_events WHERE status = 'succeeded'),
                     (SELECT count(*) FROM inbox_events WHERE status = 'dead'),
                     (SELECT count(*) FROM inbox_deliveries),
                     (SELECT count(*) FROM inbox_deliveries WHERE outcome = 'duplicate'),
                     (SELECT count(*) FROM side_effects),
-                    (SELECT count(DISTINCT event_id) FROM side_effects)",
+                    (SELECT count(DISTINCT event_id) FROM side_effects),
+                    (SELECT count(*) FROM pruned_events)",
         )
         .fetch_one(&pool)
         .await?;
@@ -253,9 +277,10 @@ fn main() -> anyhow::Result<()> {
     })?;
     terminate(&mut receiver);
     terminate(&mut worker);
-    let (events, succeeded, dead, deliveries, duplicates, effects, distinct) = summary;
+    let (events, succeeded, dead, deliveries, duplicates, effects, distinct, pruned) = summary;
+    // `succeeded` counts the events a dedup window deleted too.
     let text = serde_json::json!({
-        "minutes": minutes, "events": events, "succeeded": succeeded, "dead": dead, "deliveries": deliveries,
+        "minutes": minutes, "events": events, "events_pruned_whole": pruned, "succeeded": succeeded, "dead": dead, "deliveries": deliveries,
         "duplicates": duplicates, "side_effects": effects, "distinct_side_effects": distinct,
         "exactly_once": effects == distinct && distinct == succeeded,
     });

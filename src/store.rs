@@ -76,6 +76,11 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("the event row vanished while its delivery was recorded")]
     Vanished,
+    /// A duplicate's event was deleted (`hookbox prune --keys-older-than`)
+    /// between the statement's key check and its delivery row: tried again,
+    /// the key is new and its delivery is stored as a new event.
+    #[error("a duplicate's event was pruned while its delivery was recorded")]
+    PrunedMeanwhile,
 }
 
 impl StoreError {
@@ -86,7 +91,11 @@ impl StoreError {
 
     /// See [`crate::db::lost_a_race`]: the same rows, tried again, go in.
     pub fn lost_a_race(&self) -> bool {
-        matches!(self, Self::Database(error) if crate::db::lost_a_race(error))
+        match self {
+            Self::Database(error) => crate::db::lost_a_race(error),
+            Self::PrunedMeanwhile => true,
+            Self::Vanished => false,
+        }
     }
 
     /// The SQLSTATE, for logs: unlike the message, it never quotes the data.
@@ -252,7 +261,16 @@ async fn ingest_statement(
         &skip_if_stale as &[Option<bool>],
     )
     .fetch_all(&mut *conn)
-    .await?;
+    .await
+    .map_err(|error| {
+        // The statement's one reference that can fail is a delivery's to
+        // an event it saw (a new event's rows are its own).
+        if crate::db::is_foreign_key_violation(&error) {
+            StoreError::PrunedMeanwhile
+        } else {
+            error.into()
+        }
+    })?;
     Ok(rows
         .into_iter()
         .map(|row| {

@@ -135,6 +135,11 @@ pub struct PruneArgs {
     /// Delete finished attempt rows older than this.
     #[arg(long)]
     pub attempts_older_than: Option<HumanDuration>,
+    /// Delete whole events finished longer ago, keys included: a later
+    /// delivery of one is stored as a new event (dead ones only with
+    /// --include-dead).
+    #[arg(long)]
+    pub keys_older_than: Option<HumanDuration>,
     #[command(flatten)]
     pub action: ActionArgs,
     #[arg(long, default_value_t = 1000)]
@@ -444,9 +449,10 @@ pub async fn prune(common: &CommonArgs, args: PruneArgs) -> anyhow::Result<ExitC
     if args.older_than.is_none()
         && args.deliveries_older_than.is_none()
         && args.attempts_older_than.is_none()
+        && args.keys_older_than.is_none()
     {
         anyhow::bail!(
-            "say what to prune: --older-than, --deliveries-older-than or --attempts-older-than"
+            "say what to prune: --older-than, --deliveries-older-than, --attempts-older-than or --keys-older-than"
         );
     }
     let (_, pool) = connect(common).await?;
@@ -455,6 +461,7 @@ pub async fn prune(common: &CommonArgs, args: PruneArgs) -> anyhow::Result<ExitC
         include_dead: args.include_dead,
         deliveries_older_than: args.deliveries_older_than.map(|d| d.0),
         attempts_older_than: args.attempts_older_than.map(|d| d.0),
+        keys_older_than: args.keys_older_than.map(|d| d.0),
         dry_run: args.action.dry_run,
         actor: args.action.actor(),
         reason: args.action.reason.clone(),
@@ -469,8 +476,8 @@ pub async fn prune(common: &CommonArgs, args: PruneArgs) -> anyhow::Result<ExitC
         "pruned"
     };
     println!(
-        "{verb}: {} payloads, {} deliveries, {} attempts",
-        report.payloads, report.deliveries, report.attempts
+        "{verb}: {} payloads, {} deliveries, {} attempts, {} events",
+        report.payloads, report.deliveries, report.attempts, report.events
     );
     if !report.partitions.is_empty() {
         let verb = if args.action.dry_run {

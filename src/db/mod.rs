@@ -77,6 +77,12 @@ pub fn lost_a_race(error: &sqlx::Error) -> bool {
     sqlstate(error).is_some_and(|code| code == "40P01" || code == "40001")
 }
 
+/// A row refers to one that does not exist (`23503`): in a statement whose
+/// only references are to rows it has just read, one deleted meanwhile.
+pub fn is_foreign_key_violation(error: &sqlx::Error) -> bool {
+    sqlstate(error).is_some_and(|code| code == "23503")
+}
+
 /// No answer came (the connection was refused, reset or closed, or no pooled
 /// connection was free in time), as opposed to an answer that was an error:
 /// asked again a moment later, the database may well answer.

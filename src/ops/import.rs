@@ -45,6 +45,10 @@ pub enum ImportError {
     Read(#[from] std::io::Error),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// Rare: the import met `prune --keys-older-than` on one of its keys.
+    /// The batch rolled back; an import run again stores each key once.
+    #[error("an event was pruned while its duplicate was imported; run the import again")]
+    PrunedMeanwhile,
 }
 
 /// Where imported payloads go: into the inbox under an operator action, or
@@ -246,6 +250,7 @@ async fn import_batch(
         .map_err(|e| match e {
             store::StoreError::Database(e) => ImportError::Database(e),
             store::StoreError::Vanished => ImportError::Database(sqlx::Error::RowNotFound),
+            store::StoreError::PrunedMeanwhile => ImportError::PrunedMeanwhile,
         })?;
     let mut stored = Vec::new();
     for (outcome, event_id) in outcomes {

@@ -1,5 +1,7 @@
 //! `hookbox prune`: drop old payloads but keep every key (late duplicates are
-//! still recognised), and delete old audit rows.
+//! still recognised), and delete old audit rows. Keys themselves go only when
+//! asked (`--keys-older-than`): then a whole finished event is deleted, and a
+//! later delivery of its key is stored as a new event.
 //!
 //! The history is partitioned by time (migrations/V10): a partition that lies
 //! wholly before the cutoff, and holds nothing prune must keep, is dropped
@@ -34,6 +36,9 @@ pub struct PruneRequest {
     pub include_dead: bool,
     pub deliveries_older_than: Option<Duration>,
     pub attempts_older_than: Option<Duration>,
+    /// Delete whole events (key, state, payload, attempts) finished before
+    /// this: the end of their dedup window.
+    pub keys_older_than: Option<Duration>,
     pub dry_run: bool,
     pub actor: String,
     pub reason: Option<String>,
@@ -46,6 +51,8 @@ pub struct PruneReport {
     pub payloads: i64,
     pub deliveries: i64,
     pub attempts: i64,
+    /// Whole events deleted, keys included.
+    pub events: i64,
     /// The partitions dropped whole (for a dry run: that would be); their
     /// rows are counted above.
     pub partitions: Vec<String>,
@@ -74,6 +81,9 @@ pub async fn prune(
         request
             .attempts_older_than
             .map(|age| Target::Attempts(cutoff(age))),
+        // Last: the payloads, deliveries and attempts it would cascade to
+        // are mostly gone by then, dropped whole above.
+        request.keys_older_than.map(|age| Target::Keys(cutoff(age))),
     ]
     .into_iter()
     .flatten()
@@ -95,6 +105,7 @@ pub async fn prune(
         "include_dead": request.include_dead,
         "deliveries_older_than": request.deliveries_older_than.map(|d| humantime::format_duration(d).to_string()),
         "attempts_older_than": request.attempts_older_than.map(|d| humantime::format_duration(d).to_string()),
+        "keys_older_than": request.keys_older_than.map(|d| humantime::format_duration(d).to_string()),
     });
     let action_id = {
         let mut conn = pool.acquire().await?;
@@ -118,7 +129,7 @@ pub async fn prune(
                 progress(partition.rows as u64);
             }
         }
-        for pass in target.row_passes() {
+        for pass in target.row_passes(&statuses) {
             let mut cursor = Cursor::START;
             loop {
                 let mut transaction = pool.begin().await?;
@@ -234,6 +245,7 @@ enum Target {
     Payloads(DateTime<Utc>),
     Deliveries(DateTime<Utc>),
     Attempts(DateTime<Utc>),
+    Keys(DateTime<Utc>),
 }
 
 /// One row-by-row pass.
@@ -248,6 +260,8 @@ enum Pass {
     LegacyPayloads(DateTime<Utc>),
     Deliveries(DateTime<Utc>),
     Attempts(DateTime<Utc>),
+    /// Whole finished events of one status, in id order.
+    Keys(EventStatus, DateTime<Utc>),
 }
 
 impl Target {
@@ -256,24 +270,30 @@ impl Target {
             Self::Payloads(_) => &mut report.payloads,
             Self::Deliveries(_) => &mut report.deliveries,
             Self::Attempts(_) => &mut report.attempts,
+            Self::Keys(_) => &mut report.events,
         }
     }
 
-    fn parent(self) -> &'static str {
+    /// The partitioned table this target's rows live in, if any.
+    fn parent(self) -> Option<&'static str> {
         match self {
-            Self::Payloads(_) => "inbox_payloads",
-            Self::Deliveries(_) => "inbox_deliveries",
-            Self::Attempts(_) => "inbox_attempts",
+            Self::Payloads(_) => Some("inbox_payloads"),
+            Self::Deliveries(_) => Some("inbox_deliveries"),
+            Self::Attempts(_) => Some("inbox_attempts"),
+            Self::Keys(_) => None,
         }
     }
 
     fn cutoff(self) -> DateTime<Utc> {
         match self {
-            Self::Payloads(before) | Self::Deliveries(before) | Self::Attempts(before) => before,
+            Self::Payloads(before)
+            | Self::Deliveries(before)
+            | Self::Attempts(before)
+            | Self::Keys(before) => before,
         }
     }
 
-    fn row_passes(self) -> Vec<Pass> {
+    fn row_passes(self, statuses: &[EventStatus]) -> Vec<Pass> {
         match self {
             Self::Payloads(before) => vec![
                 Pass::Payloads(before),
@@ -282,6 +302,10 @@ impl Target {
             ],
             Self::Deliveries(before) => vec![Pass::Deliveries(before)],
             Self::Attempts(before) => vec![Pass::Attempts(before)],
+            Self::Keys(before) => statuses
+                .iter()
+                .map(|&status| Pass::Keys(status, before))
+                .collect(),
         }
     }
 
@@ -294,13 +318,16 @@ impl Target {
         statuses: &[EventStatus],
     ) -> Result<Vec<Droppable>, sqlx::Error> {
         let before = self.cutoff();
+        let Some(parent) = self.parent() else {
+            return Ok(Vec::new());
+        };
         let candidates = sqlx::query_scalar!(
             r#"
             SELECT partition AS "partition!" FROM inbox_partitions
             WHERE parent = $1 AND NOT is_default AND to_time <= $2
             ORDER BY to_time
             "#,
-            self.parent(),
+            parent,
             before,
         )
         .fetch_all(pool)
@@ -324,7 +351,7 @@ impl Target {
                 ))
                 .fetch_one(pool)
                 .await?,
-                Self::Deliveries(_) => false,
+                Self::Deliveries(_) | Self::Keys(_) => false,
             };
             if keeps_something {
                 continue;
@@ -365,6 +392,18 @@ impl Target {
             Self::Attempts(before) => sqlx::query_scalar!(
                 r#"SELECT count(*) AS "n!" FROM inbox_attempts WHERE started_at < $1 AND finished_at IS NOT NULL"#,
                 before
+            )
+            .fetch_one(pool)
+            .await,
+            Self::Keys(before) => sqlx::query_scalar!(
+                r#"
+                SELECT count(*) AS "n!" FROM inbox_event_state
+                WHERE status = ANY($1) AND id < inbox_uuid_at($2::timestamptz + $3::text::interval)
+                  AND processed_at < $2
+                "#,
+                statuses as &[EventStatus],
+                before,
+                CLOCK_SKEW,
             )
             .fetch_one(pool)
             .await,
@@ -476,6 +515,40 @@ impl Pass {
                     };
                 }
                 return Ok(pruned.len() as i64);
+            }
+            Self::Keys(status, before) => {
+                // In id order (receipt time) along inbox_events_status_id_idx,
+                // from the cursor and only up to the cutoff: the rows this
+                // reads are the ones it may delete, and the few received
+                // before the cutoff but finished since. The row lock is the
+                // one a replay takes: a replay that got there first has
+                // changed the status, which the lock's recheck then sees.
+                // Payloads and attempts go with the event (ON DELETE
+                // CASCADE); deliveries still kept lose their event id.
+                let pruned = sqlx::query_scalar!(
+                    r#"
+                    WITH batch AS (
+                        SELECT id FROM inbox_event_state
+                        WHERE status = $1 AND id > $4
+                          AND id < inbox_uuid_at($2::timestamptz + $5::text::interval)
+                          AND processed_at < $2
+                        ORDER BY id
+                        LIMIT $3
+                        FOR UPDATE SKIP LOCKED
+                    )
+                    DELETE FROM inbox_event_state e
+                    WHERE e.id = ANY(ARRAY(SELECT id FROM batch))
+                    RETURNING e.id
+                    "#,
+                    status as EventStatus,
+                    before,
+                    batch,
+                    cursor.id,
+                    CLOCK_SKEW,
+                )
+                .fetch_all(conn)
+                .await?;
+                return Ok(cursor.past_ids(&pruned));
             }
             // Oldest first, each row by its partition key and id: only the
             // partitions before the cutoff are read.

@@ -846,6 +846,7 @@ async fn pruning_reads_each_row_about_once_not_once_per_batch() {
         include_dead: false,
         deliveries_older_than: None,
         attempts_older_than: None,
+        keys_older_than: None,
         dry_run: false,
         actor: "test".into(),
         reason: None,

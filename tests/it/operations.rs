@@ -550,14 +550,14 @@ async fn after_prune_a_redelivery_is_still_answered_duplicate() {
     // ones from before the database was made.)
     assert_eq!(
         dry.lines().next(),
-        Some("would prune: 1 payloads, 0 deliveries, 0 attempts")
+        Some("would prune: 1 payloads, 0 deliveries, 0 attempts, 0 events")
     );
     let pruned = cli
         .ok(&["prune", "--older-than", "10ms", "--reason", "retention"])
         .await;
     assert_eq!(
         pruned.lines().next(),
-        Some("pruned: 1 payloads, 0 deliveries, 0 attempts")
+        Some("pruned: 1 payloads, 0 deliveries, 0 attempts, 0 events")
     );
     let row = sqlx::query!(r#"SELECT payload IS NULL AS gone, headers IS NULL AS no_headers, payload_sha256 AS "payload_sha256!" FROM inbox_events WHERE id = $1"#, id)
         .fetch_one(&app.db.pool)
@@ -580,6 +580,187 @@ async fn after_prune_a_redelivery_is_still_answered_duplicate() {
         app.count("SELECT count(*) FROM inbox_actions WHERE action = 'prune' AND affected = 1")
             .await,
         1
+    );
+}
+
+#[tokio::test]
+async fn a_prune_of_keys_deletes_finished_events_whole_and_a_later_delivery_of_one_is_new() {
+    let text = format!("{BEGINI_CONFIG}\n[[route]]\nsource = \"begini\"\nevent_types = [\"application.complete\"]\nhandler = \"h\"\n[handler.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n");
+    let app = TestApp::spawn(&text, &[("BEGINI_API_KEY", BEGINI_KEY)]).await;
+    let worker = worker_for(&app, &text);
+    let finished_body = begini_payload(&unique_uid(), "application.complete");
+    let finished = app.post_signed("begini", &finished_body).await.event_id();
+    drain(&app, &worker).await;
+    // Delivered after the drain and never claimed: it stays pending.
+    let pending_body = begini_payload(&unique_uid(), "application.complete");
+    let pending = app.post_signed("begini", &pending_body).await.event_id();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let cli = Cli::new(&text, &app.db.url);
+    let dry = cli
+        .ok(&["prune", "--keys-older-than", "10ms", "--dry-run"])
+        .await;
+    assert_eq!(
+        dry.lines().next(),
+        Some("would prune: 0 payloads, 0 deliveries, 0 attempts, 1 events")
+    );
+    let pruned = cli
+        .ok(&[
+            "prune",
+            "--keys-older-than",
+            "10ms",
+            "--reason",
+            "dedup window",
+        ])
+        .await;
+    assert_eq!(
+        pruned.lines().next(),
+        Some("pruned: 0 payloads, 0 deliveries, 0 attempts, 1 events")
+    );
+    let left = |sql: &str, id: Uuid| {
+        let pool = app.db.pool.clone();
+        let sql = sql.to_owned();
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    for (table, sql) in [
+        (
+            "inbox_events",
+            "SELECT count(*) FROM inbox_events WHERE id = $1",
+        ),
+        (
+            "inbox_payloads",
+            "SELECT count(*) FROM inbox_payloads WHERE event_id = $1",
+        ),
+        (
+            "inbox_attempts",
+            "SELECT count(*) FROM inbox_attempts WHERE event_id = $1",
+        ),
+    ] {
+        assert_eq!(
+            left(sql, finished).await,
+            0,
+            "{table} still holds the pruned event"
+        );
+    }
+    assert_eq!(
+        left(
+            "SELECT count(*) FROM inbox_events WHERE id = $1 AND status = 'pending'",
+            pending
+        )
+        .await,
+        1,
+        "an unfinished event is never pruned"
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM inbox_deliveries WHERE event_id IS NULL AND outcome = 'accepted'"
+        )
+        .await,
+        1,
+        "the delivery stays in the audit trail, without its event"
+    );
+    // Every documented audit query still runs, on the event that is left.
+    let hour = chrono::Duration::hours(1);
+    let vars = [
+        ("event_id", pending.to_string()),
+        ("source", "begini".to_string()),
+        ("event_key", "none".to_string()),
+        ("since", (chrono::Utc::now() - hour).to_rfc3339()),
+        ("until", (chrono::Utc::now() + hour).to_rfc3339()),
+        ("min_attempts", "1".to_string()),
+    ];
+    for (_, sql) in audit_queries() {
+        audit_query(&app.db.pool, &sql, &vars).await;
+    }
+
+    let again = app.post_signed("begini", &finished_body).await;
+    assert_eq!(
+        (again.status, again.body["status"].as_str()),
+        (200, Some("accepted")),
+        "past its dedup window, the key is new"
+    );
+    assert_ne!(again.event_id(), finished);
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox_actions WHERE action = 'prune' AND affected = 1 AND filter->>'keys_older_than' = '10ms'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_whose_event_is_pruned_while_its_delivery_is_recorded_is_stored_as_new() {
+    let text = format!("{BEGINI_CONFIG}\n[[route]]\nsource = \"begini\"\nhandler = \"h\"\n[handler.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n");
+    let app = TestApp::spawn(&text, &[("BEGINI_API_KEY", BEGINI_KEY)]).await;
+    let worker = worker_for(&app, &text);
+    let body = begini_payload(&unique_uid(), "application.complete");
+    let first = app.post_signed("begini", &body).await.event_id();
+    drain(&app, &worker).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Widens the moment between the receiver's key check (it sees the
+    // event) and the check of its delivery row's reference to the event.
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_duplicates() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.outcome = 'duplicate' THEN PERFORM pg_sleep(1); END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER slow_duplicates BEFORE INSERT ON inbox_deliveries
+             FOR EACH ROW EXECUTE FUNCTION slow_duplicates();",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+
+    let redelivery = app.post_signed("begini", &body);
+    let prune = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while app
+            .count("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+            .await
+            == 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the redelivery never reached its delivery row"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let request = hookbox::ops::prune::PruneRequest {
+            payloads_older_than: None,
+            include_dead: false,
+            deliveries_older_than: None,
+            attempts_older_than: None,
+            keys_older_than: Some(Duration::from_millis(10)),
+            dry_run: false,
+            actor: "test".into(),
+            reason: None,
+            batch_size: 100,
+        };
+        hookbox::ops::prune::prune(&app.db.pool, &request, |_| {})
+            .await
+            .unwrap()
+    };
+    let (answer, pruned) = tokio::join!(redelivery, prune);
+    assert_eq!(pruned.events, 1);
+    assert_eq!(
+        (answer.status, answer.body["status"].as_str()),
+        (200, Some("accepted")),
+        "{:?}",
+        answer.body
+    );
+    let stored = answer.event_id();
+    assert_ne!(stored, first);
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbox_events WHERE status = 'pending'")
+            .await,
+        1,
+        "the redelivery is stored as a new event, to be processed"
     );
 }
 

@@ -607,6 +607,7 @@ async fn a_database_filled_under_the_previous_version_reads_the_same_after_the_m
         include_dead: false,
         deliveries_older_than: None,
         attempts_older_than: None,
+        keys_older_than: None,
         dry_run: false,
         actor: "test".into(),
         reason: None,
