@@ -27,6 +27,8 @@ const DROP_TRIES: u32 = 20;
 /// Event ids are made by the receivers' clocks, processing times by the
 /// database's: the payload pass looks this far past the cutoff for ids.
 const CLOCK_SKEW: &str = "5 minutes";
+/// The advisory lock one prune at a time holds ("prune" in ASCII).
+const PRUNE_LOCK_KEY: i64 = 0x0070_7275_6e65;
 
 #[derive(Clone, Debug)]
 pub struct PruneRequest {
@@ -88,9 +90,8 @@ pub async fn prune(
     .into_iter()
     .flatten()
     .collect();
-    let mut report = PruneReport::default();
-
     if request.dry_run {
+        let mut report = PruneReport::default();
         for target in &targets {
             for partition in target.droppable_partitions(pool, &statuses).await? {
                 report.partitions.push(partition.name);
@@ -100,6 +101,42 @@ pub async fn prune(
         return Ok(report);
     }
 
+    // One prune at a time: passes of two prunes at once lock the same rows
+    // in different orders (the cascade of a deleted event reaches its
+    // deliveries in event order, the delivery pass takes them in time
+    // order) and deadlock. Held by a connection of its own, for the whole
+    // run; a prune that dies releases it with its session.
+    let mut lock = pool.acquire().await?;
+    let free = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_lock($1) AS "free!""#,
+        PRUNE_LOCK_KEY
+    )
+    .fetch_one(&mut *lock)
+    .await?;
+    if !free {
+        tracing::info!("another prune is running; waiting for it to end");
+        sqlx::query!("SELECT pg_advisory_lock($1)", PRUNE_LOCK_KEY)
+            .fetch_one(&mut *lock)
+            .await?;
+    }
+    let outcome = prune_locked(pool, request, &targets, &statuses, progress).await;
+    // The lock also goes with the session; unlocking lets the connection
+    // go back to the pool clean.
+    sqlx::query!("SELECT pg_advisory_unlock($1)", PRUNE_LOCK_KEY)
+        .fetch_one(&mut *lock)
+        .await?;
+    outcome
+}
+
+/// The part of a prune that runs under its lock.
+async fn prune_locked(
+    pool: &PgPool,
+    request: &PruneRequest,
+    targets: &[Target],
+    statuses: &[EventStatus],
+    progress: impl Fn(u64),
+) -> Result<PruneReport, sqlx::Error> {
+    let mut report = PruneReport::default();
     let recorded = serde_json::json!({
         "payloads_older_than": request.payloads_older_than.map(|d| humantime::format_duration(d).to_string()),
         "include_dead": request.include_dead,
@@ -120,21 +157,21 @@ pub async fn prune(
     };
     report.action_id = Some(action_id);
 
-    for target in &targets {
+    for target in targets {
         // Whole partitions first: what they held, the row pass need not read.
-        for partition in target.droppable_partitions(pool, &statuses).await? {
+        for partition in target.droppable_partitions(pool, statuses).await? {
             if drop_partition(pool, &partition.name, action_id, partition.rows).await? {
                 *target.counter(&mut report) += partition.rows;
                 report.partitions.push(partition.name);
                 progress(partition.rows as u64);
             }
         }
-        for pass in target.row_passes(&statuses) {
+        for pass in target.row_passes(statuses) {
             let mut cursor = Cursor::START;
             loop {
                 let mut transaction = pool.begin().await?;
                 let n = pass
-                    .prune_batch(&mut transaction, &statuses, request.batch_size, &mut cursor)
+                    .prune_batch(&mut transaction, statuses, request.batch_size, &mut cursor)
                     .await?;
                 add_affected(&mut transaction, action_id, n).await?;
                 transaction.commit().await?;
@@ -400,6 +437,7 @@ impl Target {
                 SELECT count(*) AS "n!" FROM inbox_event_state
                 WHERE status = ANY($1) AND id < inbox_uuid_at($2::timestamptz + $3::text::interval)
                   AND processed_at < $2
+                  AND NOT (status = 'dead' AND ordering_key IS NOT NULL AND coalesce(dead_blocks, false))
                 "#,
                 statuses as &[EventStatus],
                 before,
@@ -517,10 +555,15 @@ impl Pass {
                 return Ok(pruned.len() as i64);
             }
             Self::Keys(status, before) => {
+                // A dead event that holds back its ordering key stays: only
+                // `hookbox skip` releases the key, with an audit row.
                 // In id order (receipt time) along inbox_events_status_id_idx,
                 // from the cursor and only up to the cutoff: the rows this
                 // reads are the ones it may delete, and the few received
-                // before the cutoff but finished since. The row lock is the
+                // before the cutoff but finished since. (Written as row
+                // comparisons in that index's order: with `status = $1 AND
+                // id > $4 ORDER BY id`, plans walk the primary key through
+                // every event of other statuses.) The row lock is the
                 // one a replay takes: a replay that got there first has
                 // changed the status, which the lock's recheck then sees.
                 // Payloads and attempts go with the event (ON DELETE
@@ -529,10 +572,11 @@ impl Pass {
                     r#"
                     WITH batch AS (
                         SELECT id FROM inbox_event_state
-                        WHERE status = $1 AND id > $4
-                          AND id < inbox_uuid_at($2::timestamptz + $5::text::interval)
+                        WHERE (status, id) > ($1, $4)
+                          AND (status, id) < ($1, inbox_uuid_at($2::timestamptz + $5::text::interval))
                           AND processed_at < $2
-                        ORDER BY id
+                          AND NOT (status = 'dead' AND ordering_key IS NOT NULL AND coalesce(dead_blocks, false))
+                        ORDER BY status, id
                         LIMIT $3
                         FOR UPDATE SKIP LOCKED
                     )

@@ -764,6 +764,194 @@ async fn a_duplicate_whose_event_is_pruned_while_its_delivery_is_recorded_is_sto
     );
 }
 
+/// A prune of whole events finished longer ago than `keys_older_than`.
+fn keys_prune(
+    keys_older_than: Duration,
+    include_dead: bool,
+    batch_size: i64,
+) -> hookbox::ops::prune::PruneRequest {
+    hookbox::ops::prune::PruneRequest {
+        payloads_older_than: None,
+        include_dead,
+        deliveries_older_than: None,
+        attempts_older_than: None,
+        keys_older_than: Some(keys_older_than),
+        dry_run: false,
+        actor: "test".into(),
+        reason: None,
+        batch_size,
+    }
+}
+
+/// Inserts `n` events of `status` received (and, unless pending, finished)
+/// `age` ago (an interval), one a millisecond from `first`; ids are UUIDv7 of
+/// that time, as the receiver makes them.
+async fn events_received_ago(
+    db: &TestDb,
+    age: &str,
+    status: &str,
+    first: i64,
+    n: i64,
+    ordering_key: Option<&str>,
+    dead_blocks: bool,
+) {
+    sqlx::query(
+        "INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
+                                        status, attempts, received_at, processed_at,
+                                        ordering_key, ordered_at, ordering_seq, dead_blocks)
+         SELECT inbox_uuid_at(t), 'begini', 'sandbox', $1 || '-' || g, 't', md5(g::text), $1, 1, t,
+                CASE WHEN $1 <> 'pending' THEN t END,
+                $4, CASE WHEN $4 IS NOT NULL THEN t END,
+                CASE WHEN $4 IS NOT NULL THEN nextval('inbox_ordering_seq') END, $5
+         FROM generate_series($2, $2 + $3 - 1) g,
+              LATERAL (SELECT now() - $6::text::interval + g * interval '1 ms' AS t) at",
+    )
+    .bind(status)
+    .bind(first)
+    .bind(n)
+    .bind(ordering_key)
+    .bind(dead_blocks)
+    .bind(age)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_prune_of_keys_keeps_a_dead_event_that_holds_back_its_ordering_key() {
+    let db = database().await;
+    events_received_ago(&db, "3 days", "dead", 1, 1, Some("order-42"), true).await;
+    events_received_ago(&db, "3 days", "pending", 2, 3, Some("order-42"), false).await;
+    events_received_ago(&db, "3 days", "dead", 5, 1, None, false).await;
+
+    let pruned = hookbox::ops::prune::prune(
+        &db.pool,
+        &keys_prune(Duration::from_secs(3600), true, 100),
+        |_| {},
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(pruned.events, 1, "only the dead event of no ordering key");
+    let left: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, ordering_key FROM inbox_events ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        left,
+        [
+            ("dead", Some("order-42")),
+            ("pending", Some("order-42")),
+            ("pending", Some("order-42")),
+            ("pending", Some("order-42"))
+        ]
+        .map(|(s, k)| (s.to_owned(), k.map(str::to_owned))),
+        "the key stays held back until an operator skips the dead event"
+    );
+}
+
+#[tokio::test]
+async fn a_prune_of_keys_reads_only_the_events_of_the_status_it_deletes() {
+    let db = database().await;
+    // Enough succeeded events for many batches of one statement (a cached
+    // plan), then dead ones that stay, then a few skipped ones after them.
+    events_received_ago(&db, "3 days", "succeeded", 1, 1_000, None, false).await;
+    events_received_ago(&db, "3 days", "dead", 1_001, 5_000, None, false).await;
+    events_received_ago(&db, "3 days", "skipped", 6_001, 5, None, false).await;
+    sqlx::query("ANALYZE inbox_event_state")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let pruned = hookbox::ops::prune::prune(
+        &db.pool,
+        &keys_prune(Duration::from_secs(3600), false, 100),
+        |_| {},
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(pruned.events, 1_005);
+    // The prune's backends report their reads when they go idle, with their
+    // deletes.
+    let reported = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT n_tup_del FROM pg_stat_user_tables WHERE relname = 'inbox_event_state'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reported().await < 1_005 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        reported().await,
+        1_005,
+        "the prune's reads were never reported, so none could be counted"
+    );
+    let primary_key_reads = sqlx::query_scalar::<_, i64>(
+        "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = 'inbox_events_pkey'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        primary_key_reads < 3_000,
+        "deleting 1,005 events read {primary_key_reads} entries of the primary key"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_of_keys_and_a_prune_of_deliveries_at_once_both_finish() {
+    let db = database().await;
+    // Received 40 to 20 seconds ago: in the partition that holds now, which
+    // prune cannot drop whole (both prunes go row by row).
+    events_received_ago(&db, "40 seconds", "succeeded", 1, 20_000, None, false).await;
+    // Each event's delivery, and for every third a duplicate 200 ms later:
+    // in time order, the duplicates come among the later events' deliveries.
+    sqlx::query(
+        "INSERT INTO inbox_deliveries (received_at, source, outcome, event_id, payload_sha256, status_code)
+         SELECT CASE WHEN d.outcome = 'accepted' THEN e.received_at
+                     ELSE e.received_at + interval '200 ms' END,
+                'begini', d.outcome, e.id, e.payload_sha256, 200
+         FROM inbox_event_state e
+         CROSS JOIN (VALUES ('accepted'), ('duplicate')) d(outcome)
+         WHERE d.outcome = 'accepted' OR substr(e.event_key, 11)::int % 3 = 0",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let deliveries = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM inbox_deliveries")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let cli = Cli::new(BEGINI_CONFIG, &db.url);
+
+    // As two scheduled jobs would run them, in two processes.
+    let (keys, old_deliveries) = tokio::join!(
+        cli.ok(&["prune", "--keys-older-than", "10s", "--batch-size", "1000"]),
+        cli.ok(&[
+            "prune",
+            "--deliveries-older-than",
+            "10s",
+            "--batch-size",
+            "50"
+        ]),
+    );
+
+    assert_eq!(
+        keys.lines().next(),
+        Some("pruned: 0 payloads, 0 deliveries, 0 attempts, 20000 events")
+    );
+    assert_eq!(
+        old_deliveries.lines().next(),
+        Some(format!("pruned: 0 payloads, {deliveries} deliveries, 0 attempts, 0 events").as_str())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn importing_1000_events_of_which_300_are_stored_adds_exactly_700() {
     let app = TestApp::begini().await;
