@@ -83,7 +83,8 @@ pub enum Command {
     Pause(flow::PauseArgs),
     /// Let workers start work for a paused source or handler again.
     Resume(flow::PauseArgs),
-    /// Drop old payloads (keys stay) and old audit rows.
+    /// Drop old payloads (keys stay) and old audit rows; whole old events
+    /// only with --keys-older-than.
     Prune(operate::PruneArgs),
     /// Feed events obtained out of band (JSON Lines) into the inbox.
     Import(operate::ImportArgs),
