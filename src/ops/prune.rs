@@ -114,7 +114,9 @@ pub async fn prune(
     .fetch_one(&mut *lock)
     .await?;
     if !free {
-        tracing::info!("another prune is running; waiting for it to end");
+        // Warned, not only logged: an operator (or a cron job overlapping
+        // its last run) would otherwise see a prune that seems to hang.
+        tracing::warn!("another prune is running; waiting for it to end");
         sqlx::query!("SELECT pg_advisory_lock($1)", PRUNE_LOCK_KEY)
             .fetch_one(&mut *lock)
             .await?;
