@@ -731,17 +731,7 @@ async fn a_duplicate_whose_event_is_pruned_while_its_delivery_is_recorded_is_sto
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let request = hookbox::ops::prune::PruneRequest {
-            payloads_older_than: None,
-            include_dead: false,
-            deliveries_older_than: None,
-            attempts_older_than: None,
-            keys_older_than: Some(Duration::from_millis(10)),
-            dry_run: false,
-            actor: "test".into(),
-            reason: None,
-            batch_size: 100,
-        };
+        let request = keys_prune(Duration::from_millis(10), false, 100);
         hookbox::ops::prune::prune(&app.db.pool, &request, |_| {})
             .await
             .unwrap()
