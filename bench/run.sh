@@ -4,8 +4,9 @@
 #   bash bench/run.sh [SECONDS]      (each timed phase runs SECONDS, default 30)
 # (a) the ceiling: pgbench doing what a naive receiver does per event, 16 and 64 clients,
 #     and the batched limit: 32 events per transaction, 4 clients
-# (b) receiver ingest, 64 connections: hookbox loadtest (rate and latency),
-#     or, with INGEST_CLIENT=wrk, wrk sending events signed before the clock (rate only)
+# (b) receiver ingest, 64 connections: wrk sending events signed before the clock on
+#     60 and hookbox loadtest probing latency on 4, in open loop at PROBE_RATE (200/s);
+#     INGEST_CLIENT=loadtest (or no wrk installed): hookbox loadtest on all 64
 # (c) worker drain of 200,000 stored events through a sql handler inserting a row each
 # (w) the same drain by graphile-worker 0.17.3 in its batched mode (bench/graphile,
 #     needs node and npm; not in the default phases); with (c), the ratio
@@ -20,6 +21,8 @@
 # (g) ingest and drain on an empty database, then with STORED (10,000,000)
 #     finished events stored, in one run (not in the default phases: ~20 min)
 # PHASES=d (any of a, b, c, w, d, o, k, s, m, g; default abdcoks) runs only those phases.
+# SETUP_SQL runs after the migrations (an A/B of a schema change);
+# RECEIVER_TOML adds lines to the receiver's section (batch_committers = 8).
 # PG_SERVER_OPTIONS adds server settings ("-c auto_explain..."); KEEP_PG_LOG=file
 # keeps the server's log.
 # pg_stat_statements is loaded (statements inside functions counted too), so
@@ -72,6 +75,7 @@ max_connections = 32
 [receiver]
 listen = "127.0.0.1:$rport"
 admin_listen = "127.0.0.1:$aport"
+${RECEIVER_TOML:-}
 [worker]
 admin_listen = ""
 concurrency = 16
@@ -90,7 +94,23 @@ statement = "INSERT INTO side_effects (event_id) VALUES (\$3)"
 TOML
 export HOOKBOX_CONFIG=$work/hookbox.toml
 "$bin/hookbox" migrate >/dev/null
+# SETUP_SQL="..." runs after the migrations: an A/B of a schema change before
+# it becomes a migration.
+[ -z "${SETUP_SQL:-}" ] || psql -q -v ON_ERROR_STOP=1 -c "$SETUP_SQL" >/dev/null
 psql -c "CREATE EXTENSION pg_stat_statements"
+# Waiting for a drain to end: one session asking every 0.2 s, as
+# bench/graphile/drain.js does for graphile-worker (a psql process started
+# five times a second took 9% of the machine from the drain it timed). Each
+# question in a transaction of its own, so the wait holds back no vacuum.
+psql -c "CREATE PROCEDURE bench_wait_drained() LANGUAGE plpgsql AS \$\$
+BEGIN
+    WHILE EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying')) LOOP
+        COMMIT;
+        PERFORM pg_sleep(0.2);
+        COMMIT;
+    END LOOP;
+END \$\$"
+wait_drained() { psql -c "CALL bench_wait_drained()"; }
 psql -c "CREATE TABLE side_effects (event_id uuid NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
 # Each phase starts from empty tables and a checkpoint, so one phase's writes
 # are not flushed during the next.
@@ -116,7 +136,7 @@ profile_report() {
 statement_costs() {
     psql -At -c "SELECT format('    %s us/event  %s us/call plan %s us/call  %s  %s', round((total_exec_time * 1000 / $1)::numeric, 1),
                                round((mean_exec_time * 1000)::numeric, 1), round((total_plan_time * 1000 / greatest(calls, 1))::numeric, 1), calls || ' calls ' || plans || ' plans',  left(regexp_replace(query, '\s+', ' ', 'g'), 60))
-                 FROM pg_stat_statements WHERE query !~* 'pg_stat_statements|EXISTS \(SELECT 1 FROM inbox_events'
+                 FROM pg_stat_statements WHERE query !~* 'pg_stat_statements|EXISTS \(SELECT 1 FROM inbox_events|bench_wait_drained|pg_sleep'
                  ORDER BY total_exec_time DESC LIMIT 14"
 }
 phase() { [[ $phases == *$1* ]]; }
@@ -173,16 +193,42 @@ fi
 if phase b; then
 reset
 start_receiver
+psql -At -c "SELECT pg_stat_statements_reset()" >/dev/null
 # INGEST_CLIENT=wrk: the events are made and signed before the clock starts
 # and wrk sends them (the generator shares the two cores with what it
-# measures, and wrk takes less of them). Rate only: wrk's latency samples are
-# not trusted here (BENCHMARKS.md), so latency comes from hookbox loadtest.
-if [ "${INGEST_CLIENT:-loadtest}" = wrk ]; then
-    echo "== (b) receiver ingest: wrk, prepared signed events, 64 connections, ${seconds}s"
+# measures, and wrk takes less of them). wrk's latency samples are not
+# trusted here (BENCHMARKS.md), so latency comes from a probe beside it.
+# The default where wrk is installed (Debian's package wrk); INGEST_CLIENT=loadtest
+# measures with hookbox loadtest alone, on all 64 connections.
+ingest_client=${INGEST_CLIENT:-$(command -v wrk >/dev/null && echo wrk || echo loadtest)}
+if [ "$ingest_client" = loadtest ] && [ -z "${INGEST_CLIENT:-}" ]; then
+    echo "!! wrk not found: phase (b) measured with hookbox loadtest alone, whose own CPU lowers the rate (apt-get install wrk) !!" >&2
+fi
+if [ "$ingest_client" = wrk ]; then
+    echo "== (b) receiver ingest: wrk, prepared signed events, 60 connections, and a latency probe on 4 more, ${seconds}s"
     python3 bench/signed_events.py "$((seconds * 16000))" "$BEGINI_API_KEY" > "$work/events.tsv"
     profile ingest 10
-    WRK_CONNECTIONS=64 wrk -t2 -c64 -d"${seconds}s" -s bench/ingest.lua "http://127.0.0.1:$rport/webhooks/begini" -- "$work/events.tsv" 2 \
-        | grep -E 'requests in|errors|latency|WARNING' | tee "$work/ingest.txt" | sed 's/^/  /'
+    # The probe: hookbox loadtest in open loop at PROBE_RATE (200/s), its
+    # requests sent on a clock of their own, so that each samples what a
+    # request meets at a moment the load does not choose (no coordinated
+    # omission), measured on the client from the first byte sent to the
+    # answer read. It shares the receiver and its batches with wrk's requests.
+    "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
+        --connections 4 --rate "${PROBE_RATE:-200}" --duration "${seconds}s" > "$work/probe.txt" &
+    probe=$!
+    WRK_CONNECTIONS=60 wrk -t2 -c60 -d"${seconds}s" -s bench/ingest.lua "http://127.0.0.1:$rport/webhooks/begini" -- "$work/events.tsv" 2 \
+        | grep -E 'requests in|errors|latency|WARNING' | tee "$work/wrk.txt" | sed 's/^/  wrk: /'
+    wait "$probe"
+    sed 's/^/  probe: /' "$work/probe.txt"
+    # Both clients' requests, in hookbox loadtest's format, for the ratio below.
+    python3 - "$work/wrk.txt" "$work/probe.txt" > "$work/ingest.txt" <<'PY'
+import re, sys
+runs = [re.search(r"(\d+) requests in ([0-9.]+)s", open(f).read()) for f in sys.argv[1:]]
+requests = sum(int(r[1]) for r in runs)
+seconds = max(float(r[2]) for r in runs)
+print(f"{requests} requests in {seconds:.1f}s: {requests / seconds:.0f}/s")
+PY
+    sed 's/^/  both: /' "$work/ingest.txt"
     echo "  stored: $(psql -At -c "SELECT count(*) FILTER (WHERE outcome = 'accepted') || ' accepted, ' || count(*) FILTER (WHERE outcome <> 'accepted') || ' other deliveries' FROM inbox_deliveries")"
     # The receiver's own clock: from the delivery handed to the batch to its
     # commit (hookbox_ingest_seconds), the part of a request that waits.
@@ -203,6 +249,9 @@ if [ -n "${batched_rate:-}" ]; then
     ingest_rate=$(grep -oE 'requests in [0-9.]+s: [0-9]+/s' "$work/ingest.txt" | head -1 | grep -oE '[0-9]+/s' | tr -d '/s')
     [ -n "$ingest_rate" ] && echo "  ingest / batched-SQL limit, same run: $(python3 -c "print(f'{$ingest_rate / $batched_rate:.2f}')")"
 fi
+accepted=$(psql -At -c "SELECT count(*) FROM inbox_deliveries WHERE outcome = 'accepted'")
+echo "  database time per accepted event, by statement (pg_stat_statements):"
+statement_costs "$accepted"
 profile_report ingest
 fi
 
@@ -230,7 +279,6 @@ psql -At -c "WITH parts AS (
         round((SELECT sum(pg_total_relation_size(i.inhrelid)) FROM pg_inherits i WHERE i.inhparent = 'inbox_attempts'::regclass) / e.n))
     FROM parts p, events e GROUP BY e.n, e.payload"
 }
-drained() { while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.5; done; }
 # A backlog: everything received first, then drained (every event's row is
 # rewritten twice after its page filled: the worst case for the event rows).
 reset
@@ -238,7 +286,7 @@ start_receiver
 "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
     --connections 32 --duration "${STORAGE_SECONDS:-20}s" | grep -E 'requests in' | sed 's/^/  /'
 "$bin/hookbox-worker" 2>/dev/null & worker=$!
-drained
+wait_drained
 kill "$worker"; wait "$worker" 2>/dev/null || true
 storage_per_event "backlog, then drained"
 # Steady: the worker drains while events arrive, as in service.
@@ -246,7 +294,7 @@ reset
 "$bin/hookbox-worker" 2>/dev/null & worker=$!
 "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
     --connections 32 --duration "${STORAGE_SECONDS:-20}s" | grep -E 'requests in' | sed 's/^/  /'
-drained
+wait_drained
 kill "$worker"; wait "$worker" 2>/dev/null || true
 storage_per_event "drained as received"
 # In service: a steady 1,000 events/s for STEADY_SECONDS (180), drained as
@@ -270,7 +318,7 @@ sleep 60
 first=$(sizes)
 wait "$loader"
 last=$(sizes)
-drained
+wait_drained
 kill "$worker"; wait "$worker" 2>/dev/null || true
 payload_avg=$(psql -At -c "SELECT avg(octet_length(payload)) FROM inbox_events")
 python3 - "$first" "$last" "$payload_avg" <<'PY'
@@ -353,7 +401,7 @@ drain() {
     for _ in $(seq 1 "${WORKERS:-1}"); do "$bin/hookbox-worker" 2>/dev/null & workers+=($!); done
     worker=${workers[0]}
     profile "$1" 5
-    while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.2; done
+    wait_drained
     end=$(date +%s.%N)
     rate=$(python3 -c "print(f'{$events / ($end - $start):.0f}')")
     echo "  drained $events events in $(python3 -c "print(f'{$end - $start:.1f}')")s: $rate events/s"
@@ -419,7 +467,7 @@ ingest_and_drain() {
     ingest_rate=$(grep -oE 'requests in [0-9.]+s: [0-9]+/s' "$work/ingest-$1.txt" | head -1 | grep -oE '[0-9]+/s' | tr -d '/s')
     # What was ingested is processed first, so that the drain starts from stored events only.
     "$bin/hookbox-worker" 2>/dev/null & worker=$!
-    while [ "$(psql -At -c "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE status IN ('pending', 'processing', 'retrying'))")" = t ]; do sleep 0.5; done
+    wait_drained
     kill "$worker"; wait "$worker" 2>/dev/null || true
     # What else the server did during the drain: checkpoints, and the tables
     # autovacuum worked on (sampled each second).
