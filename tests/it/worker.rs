@@ -1353,3 +1353,25 @@ async fn completing_a_batch_while_thousands_of_attempts_are_in_flight_reads_only
         "completing 100 events read {in_flight_reads} entries of the in-flight attempt index"
     );
 }
+
+/// A later migration that redefines the claim with `CREATE OR REPLACE` sets
+/// its settings anew: this keeps the three that its speed rests on
+/// (migrations V11, V12 and V14, BENCHMARKS.md).
+#[tokio::test]
+async fn the_claim_runs_cached_generic_plans_without_jit_costed_for_pages_in_memory() {
+    let db = database().await;
+    let settings: Vec<String> = sqlx::query_scalar(
+        "SELECT unnest(proconfig) FROM pg_proc WHERE proname = 'inbox_claim' ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        settings,
+        [
+            "jit=off",
+            "plan_cache_mode=force_generic_plan",
+            "random_page_cost=1.1"
+        ]
+    );
+}
