@@ -211,8 +211,9 @@ if [ "$ingest_client" = wrk ]; then
     # The probe: hookbox loadtest in open loop at PROBE_RATE (200/s), its
     # requests sent on a clock of their own, so that each samples what a
     # request meets at a moment the load does not choose (no coordinated
-    # omission), measured on the client from the first byte sent to the
-    # answer read. It shares the receiver and its batches with wrk's requests.
+    # omission), measured on the client from the request sent to the answer's
+    # status line and headers. It shares the receiver and its batches with
+    # wrk's requests.
     "$bin/hookbox" loadtest --source begini --url "http://127.0.0.1:$rport/webhooks/begini" \
         --connections 4 --rate "${PROBE_RATE:-200}" --duration "${seconds}s" > "$work/probe.txt" &
     probe=$!

@@ -1355,8 +1355,9 @@ async fn completing_a_batch_while_thousands_of_attempts_are_in_flight_reads_only
 }
 
 /// A later migration that redefines the claim with `CREATE OR REPLACE` sets
-/// its settings anew: this keeps the three that its speed rests on
-/// (migrations V11, V12 and V14, BENCHMARKS.md).
+/// its settings anew: this keeps the three that its speed rests on (no JIT
+/// since migration V9, cached generic plans since V11, costs for pages in
+/// memory since V14; BENCHMARKS.md).
 #[tokio::test]
 async fn the_claim_runs_cached_generic_plans_without_jit_costed_for_pages_in_memory() {
     let db = database().await;
