@@ -15,6 +15,7 @@
 # (o) the same drain as (c) with per-key ordering on, 10,000 keys; its ratio to (c)
 # (k) one hot key: 5,000 ordered events of one key, commit -> next start per event
 # PROFILE=1 also samples the whole machine with perf during (b), (c) and (d) and
+# (KEEP_PROFILE=/path/prefix keeps each perf.data as prefix.phase.perf)
 # prints each process's share of the CPU and the hottest symbols.
 # (s) storage: ingest, drain, then bytes per stored event against the payload
 # (m) 1, 2 and 4 receivers (ingest), then 1, 2 and 4 workers (drain), one PostgreSQL
@@ -130,6 +131,7 @@ profile_report() {
     perf report -i "$work/$1.perf" --sort comm --stdio --no-children -g none 2>/dev/null | grep -E '^ +[0-9]' | awk 'NR <= 6 {print "    " $0}'
     echo "  profile ($1): hottest symbols"
     perf report -i "$work/$1.perf" --sort comm,sym --stdio --no-children -g none 2>/dev/null | grep -E '^ +[0-9]' | awk 'NR <= 12 {print "    " $0}'
+    [ -z "${KEEP_PROFILE:-}" ] || cp "$work/$1.perf" "$KEEP_PROFILE.$1.perf"
 }
 # statement_costs PER: the costliest statements since the last reset, per PER
 # (the events they served).

@@ -240,61 +240,25 @@ pub async fn finish(
         .map(|f| f.retry_in.map(|d| d.as_secs_f64()))
         .collect();
     let not_started: Vec<bool> = finishes.iter().map(|f| f.not_started).collect();
+    // One function, so that each connection plans it once, generically:
+    // sent as a statement, its first five plans on every connection read
+    // the whole state table (migrations/V15).
     let finished = sqlx::query!(
         r#"
-        WITH outcome AS (
-            SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[], $7::float8[], $8::int4[], $10::bool[], $11::timestamptz[])
-                     AS o(event_id, attempt_id, event_status, attempt_outcome, handler, error, retry_in,
-                          attempt, not_started, attempt_started_at)
-        ), at AS (
-            -- The moment each outcome is recorded, shared by its two rows.
-            SELECT clock_timestamp() AS t
-        ), event AS (
-            UPDATE inbox_event_state e
-            SET status = o.event_status,
-                attempts = e.attempts - CASE WHEN o.not_started THEN 1 ELSE 0 END,
-                processed_at = CASE WHEN o.event_status IN ('succeeded', 'skipped', 'dead') THEN at.t END,
-                next_attempt_at = CASE WHEN o.retry_in IS NULL THEN e.next_attempt_at
-                                       ELSE at.t + make_interval(secs => o.retry_in) END,
-                last_error = o.error, locked_by = NULL, locked_until = NULL
-            FROM outcome o, at
-            -- The lease conditions sit inside CASE so that the plan stays on
-            -- the primary key: written plainly they match the lease index's
-            -- predicate, and the planner walks that index (every recently
-            -- finished event, until vacuum) instead. The open-attempt check
-            -- too: plainly it matches the in-flight attempt index, and each
-            -- lookup walks every attempt in flight (migrations/V4).
-            WHERE e.id = o.event_id
-              AND CASE WHEN e.status = 'processing' AND e.locked_by = $9 AND e.attempts = o.attempt
-                            -- This claim's own attempt row, still open: after a rescue and
-                            -- a replay, the same worker may hold a newer claim with the
-                            -- same attempt number.
-                            AND EXISTS (SELECT 1 FROM inbox_attempts a
-                                        WHERE a.id = o.attempt_id AND a.started_at = o.attempt_started_at
-                                          AND a.event_id = e.id
-                                          AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END)
-                       THEN true ELSE false END
-            RETURNING e.id, e.source, e.ordering_key,
-                      e.status IN ('succeeded', 'skipped') OR (e.status = 'dead' AND NOT e.dead_blocks) AS frees_key
-        )
-        UPDATE inbox_attempts a
-        SET finished_at = at.t, outcome = o.attempt_outcome, handler = o.handler, error = o.error
-        FROM outcome o JOIN event ON event.id = o.event_id, at
-        WHERE a.id = o.attempt_id AND a.started_at = o.attempt_started_at
-        RETURNING event.source, event.ordering_key, event.frees_key
+        SELECT source AS "source!", ordering_key, frees_key
+        FROM inbox_finish($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
         "#,
+        worker_id,
         &ids,
         &attempt_ids,
+        &attempt_starts,
+        &attempts,
         &statuses as &[EventStatus],
         &outcomes as &[AttemptOutcome],
         &handlers as &[Option<&str>],
         &errors as &[Option<&str>],
         &retry_in as &[Option<f64>],
-        &attempts,
-        worker_id,
         &not_started,
-        &attempt_starts,
     )
     .fetch_all(&mut *conn)
     .await?;

@@ -1376,3 +1376,71 @@ async fn the_claim_runs_cached_generic_plans_without_jit_costed_for_pages_in_mem
         ]
     );
 }
+
+/// Outcomes are recorded by primary key from a connection's first batch on:
+/// sent as a plain statement, the first five plans on each connection read
+/// the whole state table to record a batch of 500 (V15; BENCHMARKS.md).
+#[tokio::test]
+async fn recording_the_first_outcomes_on_a_connection_does_not_read_the_whole_state_table() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id, attempt) VALUES ($3, $6)\"\n"
+    ))
+    .await;
+    let store = |status: &str, n: i32| {
+        format!(
+            "WITH event AS (
+                 INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
+                                                status, processed_at)
+                 SELECT gen_random_uuid(), 'begini', 'sandbox', '{status}-' || g, 'psychometric_score.complete',
+                        md5(g::text), '{status}', CASE WHEN '{status}' = 'succeeded' THEN now() END
+                 FROM generate_series(1, {n}) g
+                 RETURNING id
+             )
+             INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+             SELECT id, convert_to('{{}}', 'UTF8'), true, '{{}}' FROM event"
+        )
+    };
+    // A day's history, as the statistics know it, and a backlog of 500.
+    for statement in [
+        store("succeeded", 20_000),
+        store("pending", 500),
+        "ANALYZE inbox_event_state, inbox_attempts".to_owned(),
+    ] {
+        sqlx::query(&statement)
+            .execute(&setup.db.pool)
+            .await
+            .unwrap();
+    }
+    let read_in_full = "SELECT coalesce(seq_tup_read, 0)::int8 FROM pg_stat_user_tables
+                        WHERE relid = 'inbox_event_state'::regclass";
+    let before = scalar(&setup.db, read_in_full).await;
+
+    let mut finished = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while finished < 500 && Instant::now() < deadline {
+        finished += setup.worker.process_next().await.unwrap().len();
+    }
+
+    assert_eq!(finished, 500);
+    assert_eq!(
+        scalar(&setup.db, "SELECT count(*) FROM side_effects").await,
+        500
+    );
+    // The worker's backends report their reads when they go idle, with their
+    // updates: one at the claim and one at the outcome, for each event.
+    let reports =
+        "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'inbox_event_state'::regclass";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar(&setup.db, reports).await < 1_000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        scalar(&setup.db, reports).await >= 1_000,
+        "the worker's updates were never reported"
+    );
+    let read = scalar(&setup.db, read_in_full).await - before;
+    assert!(
+        read < 20_000,
+        "completing 500 events read {read} state rows in sequential scans"
+    );
+}
