@@ -14,7 +14,9 @@
 -- Here each step starts from the outcomes and reaches every row by its
 -- primary key, and the attempt rows are updated from what the event update
 -- returns (no second join of the outcomes). Its results are those of the
--- statement it replaces.
+-- statement it replaces, with one fix: an outcome whose attempt row was
+-- closed while the statement ran (a rescue) is not counted as recorded (see
+-- below), so the worker rolls the batch back.
 --
 -- Locks: creates a function; no table is touched.
 
@@ -79,6 +81,14 @@ BEGIN
     SET finished_at = event.t, outcome = event.attempt_outcome, handler = event.handler, error = event.error
     FROM event
     WHERE a.id = event.attempt_id AND a.started_at = event.attempt_started_at
+      -- Still open, checked again on the row as it is now. The event update
+      -- above re-checks a row changed since this statement began against the
+      -- statement's snapshot of the attempts: if a rescue, a replay and a new
+      -- claim by this worker (same attempt number) landed meanwhile, this
+      -- claim's attempt row still looks open there. Here it is seen closed
+      -- (by the rescue), the event goes uncounted, and the worker rolls back
+      -- instead of recording a stale outcome over the new claim.
+      AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END
     RETURNING event.source, event.ordering_key, event.frees_key;
 END;
 $$;

@@ -1444,3 +1444,132 @@ async fn recording_the_first_outcomes_on_a_connection_does_not_read_the_whole_st
         "completing 500 events read {read} state rows in sequential scans"
     );
 }
+
+/// A completion whose statement began before a rescue, a replay and a new
+/// claim of one of its events by the same worker (same attempt number) must
+/// not count that event as recorded: the worker would commit the stale
+/// outcome over the new claim and leave the new claim's attempt row open for
+/// ever. Found by interleaving sessions on a real server; the optimistic path
+/// completes without locking its events first, so the database decides.
+#[tokio::test]
+async fn a_completion_that_outlived_a_rescue_replay_and_new_claim_records_nothing_for_that_event() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id) VALUES ($3)\"\n"
+    ))
+    .await;
+    let pool = &setup.db.pool;
+    let rescued = store_event(&setup.db, "psychometric_score.complete").await;
+    let held = store_event(&setup.db, "psychometric_score.complete").await;
+    let claim = |limit: i32| {
+        format!(
+            "SELECT * FROM inbox_claim('w1', {limit}, 300, '{{begini}}', '{{1}}', '{{begini}}', '{{NULL}}', '{{h}}',
+                                       '{{}}', '{{}}', '{{}}', '{{}}', '{{}}')"
+        )
+    };
+    // The batch lists the held event first, so the completion waits there
+    // while the other is rescued, replayed and claimed again.
+    sqlx::query(&format!(
+        "CREATE TABLE stale_claim AS SELECT c.*, CASE WHEN c.id = '{held}' THEN 1 ELSE 2 END AS position FROM ({}) c",
+        claim(10)
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    let first_attempt: i64 = sqlx::query_scalar(&format!(
+        "SELECT attempt_id FROM stale_claim WHERE id = '{rescued}'"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap();
+
+    let mut locker = pool.acquire().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut *locker).await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM inbox_event_state WHERE id = '{held}' FOR NO KEY UPDATE"
+    ))
+    .execute(&mut *locker)
+    .await
+    .unwrap();
+    let completion = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut transaction = pool.begin().await.unwrap();
+            let column =
+                |name: &str| format!("ARRAY(SELECT {name} FROM stale_claim ORDER BY position)");
+            let recorded: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM inbox_finish('w1', {}, {}, {}, {}, '{{succeeded,succeeded}}', '{{succeeded,succeeded}}',
+                                                   '{{h,h}}', '{{NULL,NULL}}', '{{NULL,NULL}}', '{{f,f}}')",
+                column("id"),
+                column("attempt_id"),
+                column("attempt_started_at"),
+                column("attempts")
+            ))
+            .fetch_one(&mut *transaction)
+            .await
+            .unwrap();
+            // What the worker does: commit only if every outcome was recorded.
+            if recorded == 2 {
+                transaction.commit().await.unwrap();
+            } else {
+                transaction.rollback().await.unwrap();
+            }
+            recorded
+        })
+    };
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%inbox_finish%'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar(&setup.db, waiting).await == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        scalar(&setup.db, waiting).await,
+        1,
+        "the completion never waited for the held event"
+    );
+    sqlx::query(&format!(
+        "UPDATE inbox_event_state SET locked_until = now() - interval '1 second' WHERE id = '{rescued}'"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(setup.worker.rescue_expired_leases().await.unwrap(), 1);
+    // A replay: back to pending, the attempt count restarted.
+    sqlx::query(&format!(
+        "UPDATE inbox_event_state SET status = 'pending', attempts = 0, next_attempt_at = now(), processed_at = NULL
+         WHERE id = '{rescued}'"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    let new_attempt: i64 = sqlx::query_scalar(&format!("SELECT attempt_id FROM ({}) c", claim(1)))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut *locker).await.unwrap();
+
+    assert_eq!(
+        completion.await.unwrap(),
+        1,
+        "the stale outcome was counted as recorded"
+    );
+    let state: (String, String, i32) = sqlx::query_as(&format!(
+        "SELECT status, locked_by, attempts FROM inbox_event_state WHERE id = '{rescued}'"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(state, ("processing".into(), "w1".into(), 1));
+    let attempts: Vec<(i64, Option<String>)> = sqlx::query_as(&format!(
+        "SELECT id, outcome FROM inbox_attempts WHERE event_id = '{rescued}' ORDER BY id"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempts,
+        [
+            (first_attempt, Some("lease_expired".into())),
+            (new_attempt, None)
+        ]
+    );
+}
