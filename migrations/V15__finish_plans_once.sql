@@ -37,6 +37,13 @@ LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 SET jit = off
 SET random_page_cost = 1.1
+-- Every row it reads has a primary key to reach it by. A connection keeps
+-- its plan for as long as it lives, and a plan made while the attempts
+-- partition of the day was empty (vacuumed, or made ahead) scanned that
+-- partition once per outcome, which looked free: once the day's attempts
+-- filled it, a batch of 500 read it 500 times over (10 million rows), until
+-- something invalidated the plan.
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 BEGIN

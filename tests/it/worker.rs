@@ -1573,3 +1573,113 @@ async fn a_completion_that_outlived_a_rescue_replay_and_new_claim_records_nothin
         ]
     );
 }
+
+/// A connection's cached plan for recording outcomes was made while the
+/// attempts partition now being written was empty (after a VACUUM, or a
+/// partition made ahead of the day it serves): a sequential scan of an
+/// empty table looked free, so the plan read that partition once per
+/// outcome. Once the day's attempts fill it, each batch read it 500 times
+/// over, until something invalidated the plan (V15 sets enable_seqscan off
+/// for the function: every row it reads has a primary key to reach it by).
+#[tokio::test]
+async fn outcomes_recorded_on_a_plan_made_while_the_attempts_partition_was_empty_read_it_by_index()
+{
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id) VALUES ($3)\"\n"
+    ))
+    .await;
+    let pool = &setup.db.pool;
+    let store = |status: &str, n: i32, attempt_started: &str| {
+        format!(
+            "WITH event AS (
+                 INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
+                                                status, attempts, processed_at)
+                 SELECT gen_random_uuid(), 'begini', 'sandbox', '{status}-' || g || '-' || gen_random_uuid(),
+                        'psychometric_score.complete', md5(g::text), '{status}',
+                        CASE WHEN '{status}' = 'succeeded' THEN 1 ELSE 0 END,
+                        CASE WHEN '{status}' = 'succeeded' THEN now() END
+                 FROM generate_series(1, {n}) g
+                 RETURNING id
+             ), payload AS (
+                 INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+                 SELECT id, convert_to('{{}}', 'UTF8'), true, '{{}}' FROM event
+             )
+             INSERT INTO inbox_attempts (event_id, attempt, worker_id, handler, started_at, finished_at, outcome)
+             SELECT id, 1, 'another-worker', 'h', {attempt_started}, {attempt_started}, 'succeeded'
+             FROM event WHERE '{status}' = 'succeeded'"
+        )
+    };
+    let claim = |limit: i32| {
+        format!(
+            "SELECT * FROM inbox_claim('w1', {limit}, 300, '{{begini}}', '{{1}}', '{{begini}}', '{{NULL}}', '{{h}}',
+                                       '{{}}', '{{}}', '{{}}', '{{}}', '{{}}')"
+        )
+    };
+    let finish_all = "SELECT count(*) FROM inbox_finish(
+                          'w1',
+                          ARRAY(SELECT id FROM claimed ORDER BY id),
+                          ARRAY(SELECT attempt_id FROM claimed ORDER BY id),
+                          ARRAY(SELECT attempt_started_at FROM claimed ORDER BY id),
+                          ARRAY(SELECT attempts FROM claimed ORDER BY id),
+                          ARRAY(SELECT 'succeeded' FROM claimed ORDER BY id),
+                          ARRAY(SELECT 'succeeded' FROM claimed ORDER BY id),
+                          ARRAY(SELECT 'h' FROM claimed ORDER BY id),
+                          ARRAY(SELECT NULL::text FROM claimed ORDER BY id),
+                          ARRAY(SELECT NULL::float8 FROM claimed ORDER BY id),
+                          ARRAY(SELECT false FROM claimed ORDER BY id))";
+    // Yesterday's history (in the partition before today's), and today's
+    // attempts partition empty and vacuumed. Autovacuum stays away, so
+    // nothing invalidates the plan behind the test's back.
+    for statement in [
+        store("succeeded", 5_000, "now() - interval '2 days'"),
+        "ALTER TABLE inbox_attempts_default SET (autovacuum_enabled = false)".to_owned(),
+        "ALTER TABLE inbox_event_state SET (autovacuum_enabled = false)".to_owned(),
+        "VACUUM ANALYZE inbox_event_state, inbox_attempts, inbox_attempts_default".to_owned(),
+        store("pending", 1, "now()"),
+    ] {
+        sqlx::query(&statement).execute(pool).await.unwrap();
+    }
+    let mut worker = pool.acquire().await.unwrap();
+    for statement in [
+        format!("CREATE TEMPORARY TABLE claimed AS {}", claim(1)),
+        finish_all.to_owned(),
+    ] {
+        sqlx::query(&statement).execute(&mut *worker).await.unwrap();
+    }
+    // The day goes on: its attempts fill the partition, and a backlog waits.
+    for statement in [
+        store("succeeded", 20_000, "now()"),
+        store("pending", 500, "now()"),
+    ] {
+        sqlx::query(&statement).execute(pool).await.unwrap();
+    }
+    let read_in_full = "SELECT coalesce(seq_tup_read, 0)::int8 FROM pg_stat_user_tables
+                        WHERE relid = 'inbox_attempts_default'::regclass";
+    let before = scalar(&setup.db, read_in_full).await;
+
+    for statement in [
+        "DROP TABLE claimed".to_owned(),
+        format!("CREATE TEMPORARY TABLE claimed AS {}", claim(500)),
+    ] {
+        sqlx::query(&statement).execute(&mut *worker).await.unwrap();
+    }
+    let recorded: i64 = sqlx::query_scalar(finish_all)
+        .fetch_one(&mut *worker)
+        .await
+        .unwrap();
+    drop(worker);
+    // The backend reports its reads when it goes idle, with its updates of
+    // the 500 attempt rows.
+    let reports = "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'inbox_attempts_default'::regclass";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar(&setup.db, reports).await < 501 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    assert_eq!(recorded, 500);
+    let read = scalar(&setup.db, read_in_full).await - before;
+    assert!(
+        read < 100_000,
+        "recording 500 outcomes read {read} attempt rows in sequential scans"
+    );
+}
