@@ -24,6 +24,7 @@
 # PHASES=d (any of a, b, c, w, d, o, k, s, m, g; default abdcoks) runs only those phases.
 # SETUP_SQL runs after the migrations (an A/B of a schema change);
 # RECEIVER_TOML adds lines to the receiver's section (batch_committers = 8).
+# WORKER_CONCURRENCY (16) and WORKER_TOML (batch_size = 1000) do the same for the worker.
 # PG_SERVER_OPTIONS adds server settings ("-c auto_explain..."); KEEP_PG_LOG=file
 # keeps the server's log.
 # pg_stat_statements is loaded (statements inside functions counted too), so
@@ -79,7 +80,8 @@ admin_listen = "127.0.0.1:$aport"
 ${RECEIVER_TOML:-}
 [worker]
 admin_listen = ""
-concurrency = 16
+concurrency = ${WORKER_CONCURRENCY:-16}
+${WORKER_TOML:-}
 [[source]]
 name = "begini"
 environment = "sandbox"
