@@ -44,6 +44,13 @@ SET random_page_cost = 1.1
 -- filled it, a batch of 500 read it 500 times over (10 million rows), until
 -- something invalidated the plan.
 SET enable_seqscan = off
+-- For the same reason, every join is a nested loop over key look-ups: a plan
+-- made while the tables were tiny (a new installation) read whole tables
+-- into hash joins or a materialized scan, once per batch, and kept doing so
+-- as they grew.
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_material = off
 AS $$
 #variable_conflict use_column
 BEGIN
