@@ -1386,24 +1386,10 @@ async fn recording_the_first_outcomes_on_a_connection_does_not_read_the_whole_st
         "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id, attempt) VALUES ($3, $6)\"\n"
     ))
     .await;
-    let store = |status: &str, n: i32| {
-        format!(
-            "WITH event AS (
-                 INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
-                                                status, processed_at)
-                 SELECT gen_random_uuid(), 'begini', 'sandbox', '{status}-' || g, 'psychometric_score.complete',
-                        md5(g::text), '{status}', CASE WHEN '{status}' = 'succeeded' THEN now() END
-                 FROM generate_series(1, {n}) g
-                 RETURNING id
-             )
-             INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
-             SELECT id, convert_to('{{}}', 'UTF8'), true, '{{}}' FROM event"
-        )
-    };
     // A day's history, as the statistics know it, and a backlog of 500.
     for statement in [
-        store("succeeded", 20_000),
-        store("pending", 500),
+        store_events("succeeded", 20_000, "now() - interval '2 days'"),
+        store_events("pending", 500, "now()"),
         "ANALYZE inbox_event_state, inbox_attempts".to_owned(),
     ] {
         sqlx::query(&statement)
@@ -1460,17 +1446,11 @@ async fn a_completion_that_outlived_a_rescue_replay_and_new_claim_records_nothin
     let pool = &setup.db.pool;
     let rescued = store_event(&setup.db, "psychometric_score.complete").await;
     let held = store_event(&setup.db, "psychometric_score.complete").await;
-    let claim = |limit: i32| {
-        format!(
-            "SELECT * FROM inbox_claim('w1', {limit}, 300, '{{begini}}', '{{1}}', '{{begini}}', '{{NULL}}', '{{h}}',
-                                       '{{}}', '{{}}', '{{}}', '{{}}', '{{}}')"
-        )
-    };
     // The batch lists the held event first, so the completion waits there
     // while the other is rescued, replayed and claimed again.
     sqlx::query(&format!(
         "CREATE TABLE stale_claim AS SELECT c.*, CASE WHEN c.id = '{held}' THEN 1 ELSE 2 END AS position FROM ({}) c",
-        claim(10)
+        claim_as_w1(10)
     ))
     .execute(pool)
     .await
@@ -1494,19 +1474,10 @@ async fn a_completion_that_outlived_a_rescue_replay_and_new_claim_records_nothin
         let pool = pool.clone();
         tokio::spawn(async move {
             let mut transaction = pool.begin().await.unwrap();
-            let column =
-                |name: &str| format!("ARRAY(SELECT {name} FROM stale_claim ORDER BY position)");
-            let recorded: i64 = sqlx::query_scalar(&format!(
-                "SELECT count(*) FROM inbox_finish('w1', {}, {}, {}, {}, '{{succeeded,succeeded}}', '{{succeeded,succeeded}}',
-                                                   '{{h,h}}', '{{NULL,NULL}}', '{{NULL,NULL}}', '{{f,f}}')",
-                column("id"),
-                column("attempt_id"),
-                column("attempt_started_at"),
-                column("attempts")
-            ))
-            .fetch_one(&mut *transaction)
-            .await
-            .unwrap();
+            let recorded: i64 = sqlx::query_scalar(&finish_as_w1("stale_claim", "position"))
+                .fetch_one(&mut *transaction)
+                .await
+                .unwrap();
             // What the worker does: commit only if every outcome was recorded.
             if recorded == 2 {
                 transaction.commit().await.unwrap();
@@ -1541,10 +1512,11 @@ async fn a_completion_that_outlived_a_rescue_replay_and_new_claim_records_nothin
     .execute(pool)
     .await
     .unwrap();
-    let new_attempt: i64 = sqlx::query_scalar(&format!("SELECT attempt_id FROM ({}) c", claim(1)))
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let new_attempt: i64 =
+        sqlx::query_scalar(&format!("SELECT attempt_id FROM ({}) c", claim_as_w1(1)))
+            .fetch_one(pool)
+            .await
+            .unwrap();
     sqlx::query("COMMIT").execute(&mut *locker).await.unwrap();
 
     assert_eq!(
@@ -1619,74 +1591,40 @@ async fn rows_read_recording_500_outcomes_on_a_plan_cached_over(history: i32) ->
     ))
     .await;
     let pool = &setup.db.pool;
-    let store = |status: &str, n: i32, attempt_started: &str| {
-        format!(
-            "WITH event AS (
-                 INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
-                                                status, attempts, processed_at)
-                 SELECT gen_random_uuid(), 'begini', 'sandbox', '{status}-' || g || '-' || gen_random_uuid(),
-                        'psychometric_score.complete', md5(g::text), '{status}',
-                        CASE WHEN '{status}' = 'succeeded' THEN 1 ELSE 0 END,
-                        CASE WHEN '{status}' = 'succeeded' THEN now() END
-                 FROM generate_series(1, {n}) g
-                 RETURNING id
-             ), payload AS (
-                 INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
-                 SELECT id, convert_to('{{}}', 'UTF8'), true, '{{}}' FROM event
-             )
-             INSERT INTO inbox_attempts (event_id, attempt, worker_id, handler, started_at, finished_at, outcome)
-             SELECT id, 1, 'another-worker', 'h', {attempt_started}, {attempt_started}, 'succeeded'
-             FROM event WHERE '{status}' = 'succeeded'"
-        )
-    };
-    let claim = |limit: i32| {
-        format!(
-            "SELECT * FROM inbox_claim('w1', {limit}, 300, '{{begini}}', '{{1}}', '{{begini}}', '{{NULL}}', '{{h}}',
-                                       '{{}}', '{{}}', '{{}}', '{{}}', '{{}}')"
-        )
-    };
-    let finish_all = "SELECT count(*) FROM inbox_finish(
-                          'w1',
-                          ARRAY(SELECT id FROM claimed ORDER BY id),
-                          ARRAY(SELECT attempt_id FROM claimed ORDER BY id),
-                          ARRAY(SELECT attempt_started_at FROM claimed ORDER BY id),
-                          ARRAY(SELECT attempts FROM claimed ORDER BY id),
-                          ARRAY(SELECT 'succeeded' FROM claimed ORDER BY id),
-                          ARRAY(SELECT 'succeeded' FROM claimed ORDER BY id),
-                          ARRAY(SELECT 'h' FROM claimed ORDER BY id),
-                          ARRAY(SELECT NULL::text FROM claimed ORDER BY id),
-                          ARRAY(SELECT NULL::float8 FROM claimed ORDER BY id),
-                          ARRAY(SELECT false FROM claimed ORDER BY id))";
+    let finish_all = finish_as_w1("claimed", "id");
     // Yesterday's history (in the partition before today's), and today's
     // attempts partition empty and vacuumed. Autovacuum stays away, so
     // nothing invalidates the plan behind the test's back.
     for statement in [
-        store("succeeded", history, "now() - interval '2 days'"),
+        store_events("succeeded", history, "now() - interval '2 days'"),
         "ALTER TABLE inbox_attempts_default SET (autovacuum_enabled = false)".to_owned(),
         "ALTER TABLE inbox_event_state SET (autovacuum_enabled = false)".to_owned(),
         "VACUUM ANALYZE inbox_event_state, inbox_attempts, inbox_attempts_default".to_owned(),
-        store("pending", 1, "now()"),
+        store_events("pending", 1, "now()"),
     ] {
         sqlx::query(&statement).execute(pool).await.unwrap();
     }
     // The claims go through other connections: only the outcome function's
     // plan, cached on this one, is measured.
     let mut worker = pool.acquire().await.unwrap();
-    sqlx::query(&format!("CREATE TABLE claimed AS {}", claim(1)))
+    sqlx::query(&format!("CREATE TABLE claimed AS {}", claim_as_w1(1)))
         .execute(pool)
         .await
         .unwrap();
-    sqlx::query(finish_all).execute(&mut *worker).await.unwrap();
+    sqlx::query(&finish_all)
+        .execute(&mut *worker)
+        .await
+        .unwrap();
     // The day goes on: its attempts fill the partition, and a backlog waits.
     for statement in [
-        store("succeeded", 20_000, "now()"),
-        store("pending", 500, "now()"),
+        store_events("succeeded", 20_000, "now()"),
+        store_events("pending", 500, "now()"),
     ] {
         sqlx::query(&statement).execute(pool).await.unwrap();
     }
     for statement in [
         "DROP TABLE claimed".to_owned(),
-        format!("CREATE TABLE claimed AS {}", claim(500)),
+        format!("CREATE TABLE claimed AS {}", claim_as_w1(500)),
     ] {
         sqlx::query(&statement).execute(pool).await.unwrap();
     }
@@ -1711,7 +1649,7 @@ async fn rows_read_recording_500_outcomes_on_a_plan_cached_over(history: i32) ->
     let attempts_before = scalar(&setup.db, &rows_read("inbox_attempts_default")).await;
     let events_before = scalar(&setup.db, &rows_read("inbox_event_state")).await;
 
-    let recorded: i64 = sqlx::query_scalar(finish_all)
+    let recorded: i64 = sqlx::query_scalar(&finish_all)
         .fetch_one(&mut *worker)
         .await
         .unwrap();
@@ -1722,5 +1660,59 @@ async fn rows_read_recording_500_outcomes_on_a_plan_cached_over(history: i32) ->
     (
         scalar(&setup.db, &rows_read("inbox_attempts_default")).await - attempts_before,
         scalar(&setup.db, &rows_read("inbox_event_state")).await - events_before,
+    )
+}
+
+/// Stores `n` events of `status` straight into the tables, each with a
+/// payload and, when `succeeded`, its finished attempt started at the SQL
+/// expression `attempt_started`.
+fn store_events(status: &str, n: i32, attempt_started: &str) -> String {
+    format!(
+        "WITH event AS (
+             INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
+                                            status, attempts, processed_at)
+             SELECT gen_random_uuid(), 'begini', 'sandbox', '{status}-' || g || '-' || gen_random_uuid(),
+                    'psychometric_score.complete', md5(g::text), '{status}',
+                    CASE WHEN '{status}' = 'succeeded' THEN 1 ELSE 0 END,
+                    CASE WHEN '{status}' = 'succeeded' THEN now() END
+             FROM generate_series(1, {n}) g
+             RETURNING id
+         ), payload AS (
+             INSERT INTO inbox_payloads (event_id, payload, payload_is_json, headers)
+             SELECT id, convert_to('{{}}', 'UTF8'), true, '{{}}' FROM event
+         )
+         INSERT INTO inbox_attempts (event_id, attempt, worker_id, handler, started_at, finished_at, outcome)
+         SELECT id, 1, 'another-worker', 'h', {attempt_started}, {attempt_started}, 'succeeded'
+         FROM event WHERE '{status}' = 'succeeded'"
+    )
+}
+
+/// The claim of up to `limit` due events by worker `w1`, every event routed
+/// to handler `h`, as the worker calls it.
+fn claim_as_w1(limit: i32) -> String {
+    format!(
+        "SELECT * FROM inbox_claim('w1', {limit}, 300, '{{begini}}', '{{1}}', '{{begini}}', '{{NULL}}', '{{h}}',
+                                   '{{}}', '{{}}', '{{}}', '{{}}', '{{}}')"
+    )
+}
+
+/// Records every claim saved in `table` (rows of `inbox_claim`) as
+/// succeeded for worker `w1`, in the order of `order_by`, as the worker
+/// does; returns how many were recorded.
+fn finish_as_w1(table: &str, order_by: &str) -> String {
+    let column =
+        |expression: &str| format!("ARRAY(SELECT {expression} FROM {table} ORDER BY {order_by})");
+    format!(
+        "SELECT count(*) FROM inbox_finish('w1', {}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
+        column("id"),
+        column("attempt_id"),
+        column("attempt_started_at"),
+        column("attempts"),
+        column("'succeeded'"),
+        column("'succeeded'"),
+        column("'h'"),
+        column("NULL::text"),
+        column("NULL::float8"),
+        column("false")
     )
 }
