@@ -239,10 +239,14 @@ PY
     # commit (hookbox_ingest_seconds), the part of a request that waits.
     curl -s "http://127.0.0.1:$aport/metrics" | python3 -c '
 import re, sys
-buckets = {float(m[0]): int(float(m[1])) for m in re.findall(r"hookbox_ingest_seconds_bucket\{[^}]*le=\"([0-9.]+)\"\} ([0-9.e+]+)", sys.stdin.read())}
+text = sys.stdin.read()
+buckets = {float(m[0]): int(float(m[1])) for m in re.findall(r"hookbox_ingest_seconds_bucket\{[^}]*le=\"([0-9.]+)\"\} ([0-9.e+]+)", text)}
 total = max(buckets.values())
+mean = sum(float(v) for v in re.findall(r"hookbox_ingest_seconds_sum\{[^}]*\} ([0-9.e+-]+)", text)) / total
+batches = [float(v) for v in re.findall(r"hookbox_ingest_batch_size_(?:sum|count) ([0-9.e+-]+)", text)]
 print("  receiver, handed to the batch -> committed: " + ", ".join(
-    f"{share:.2%} within {le * 1000:g} ms" for le, share in ((le, n / total) for le, n in sorted(buckets.items())) if le in (0.01, 0.025, 0.05)))'
+    f"{share:.2%} within {le * 1000:g} ms" for le, share in ((le, n / total) for le, n in sorted(buckets.items())) if le in (0.01, 0.025, 0.05))
+    + f"; mean {mean * 1000:.2f} ms" + (f"; mean batch {batches[0] / batches[1]:.1f} deliveries" if len(batches) == 2 else ""))'
 else
     echo "== (b) receiver ingest: hookbox loadtest, 64 connections, ${seconds}s"
     profile ingest 10
