@@ -134,8 +134,33 @@ pub async fn ingest_batch(
     deliveries: &[NewDelivery],
     origin: Origin,
 ) -> Result<Vec<(IngestOutcome, Uuid)>, StoreError> {
+    Ok(ingest_batch_in_transaction(conn, deliveries, origin)
+        .await?
+        .outcomes)
+}
+
+/// What [`ingest_batch_in_transaction`] stored, and the transaction it did so in.
+#[derive(Debug)]
+pub struct IngestedBatch {
+    /// In the order of the deliveries.
+    pub outcomes: Vec<(IngestOutcome, Uuid)>,
+    /// What answers a COMMIT that got no reply (see [`transaction_outcome`]);
+    /// `None` only for an empty batch, which wrote nothing.
+    pub transaction: Option<TransactionIdentity>,
+}
+
+/// [`ingest_batch`], which also returns the transaction's identity. The
+/// identity comes back with the statement's rows, not in a round trip of its
+/// own before it: a COMMIT is only sent after those rows arrived, so a batch
+/// whose rows were lost was never committed and needs no identity.
+pub async fn ingest_batch_in_transaction(
+    conn: &mut PgConnection,
+    deliveries: &[NewDelivery],
+    origin: Origin,
+) -> Result<IngestedBatch, StoreError> {
     let mut outcomes: Vec<Option<(IngestOutcome, Uuid)>> = vec![None; deliveries.len()];
     let mut open: Vec<usize> = (0..deliveries.len()).collect();
+    let mut transaction = None;
     // A concurrent first delivery of the same key can commit after this
     // statement's snapshot: then neither branch sees a row for it, and one more
     // try (of just those deliveries) does.
@@ -144,15 +169,30 @@ pub async fn ingest_batch(
             break;
         }
         let batch: Vec<&NewDelivery> = open.iter().map(|&i| &deliveries[i]).collect();
-        for (position, outcome) in ingest_statement(conn, &batch, origin).await? {
+        let resolved = ingest_statement(conn, &batch, origin).await?;
+        transaction = transaction.or(resolved.transaction);
+        for (position, outcome) in resolved.outcomes {
             outcomes[open[position]] = Some(outcome);
         }
         open.retain(|&i| outcomes[i].is_none());
     }
-    outcomes
+    let outcomes = outcomes
         .into_iter()
         .map(|outcome| outcome.ok_or(StoreError::Vanished))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    // Every delivery resolved, so some statement returned a row, and with it
+    // the identity.
+    Ok(IngestedBatch {
+        outcomes,
+        transaction,
+    })
+}
+
+/// The deliveries one statement resolved, by position in its batch, and the
+/// transaction it ran in (`None` when it resolved none).
+struct Resolved {
+    outcomes: Vec<(usize, (IngestOutcome, Uuid))>,
+    transaction: Option<TransactionIdentity>,
 }
 
 /// One round trip; returns (position in `batch`, outcome) for each delivery it
@@ -161,7 +201,7 @@ async fn ingest_statement(
     conn: &mut PgConnection,
     batch: &[&NewDelivery],
     origin: Origin,
-) -> Result<Vec<(usize, (IngestOutcome, Uuid))>, StoreError> {
+) -> Result<Resolved, StoreError> {
     let ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
     let text = |f: for<'d> fn(&'d NewDelivery) -> Option<&'d str>| -> Vec<Option<&str>> {
         batch.iter().map(|d| f(d)).collect()
@@ -242,7 +282,9 @@ async fn ingest_statement(
                    event_id, payload_sha256, 200
             FROM resolved ORDER BY position
         )
-        SELECT position AS "position!", event_id AS "event_id!", kind AS "kind!: DeliveryOutcome" FROM resolved
+        SELECT position AS "position!", event_id AS "event_id!", kind AS "kind!: DeliveryOutcome",
+               pg_backend_pid() AS "backend_pid!", pg_current_xact_id()::text AS "xid!"
+        FROM resolved
         "#,
         &ids,
         &sources as &[Option<&str>],
@@ -271,7 +313,11 @@ async fn ingest_statement(
             error.into()
         }
     })?;
-    Ok(rows
+    let transaction = rows.first().map(|row| TransactionIdentity {
+        backend_pid: row.backend_pid,
+        xid: row.xid.clone(),
+    });
+    let outcomes = rows
         .into_iter()
         .map(|row| {
             let outcome = match row.kind {
@@ -282,7 +328,11 @@ async fn ingest_statement(
             // ORDINALITY counts from 1.
             (row.position as usize - 1, (outcome, row.event_id))
         })
-        .collect())
+        .collect();
+    Ok(Resolved {
+        outcomes,
+        transaction,
+    })
 }
 
 /// Which server process runs the current transaction, and the transaction's
@@ -292,19 +342,6 @@ async fn ingest_statement(
 pub struct TransactionIdentity {
     backend_pid: i32,
     xid: String,
-}
-
-pub async fn transaction_identity(
-    conn: &mut PgConnection,
-) -> Result<TransactionIdentity, StoreError> {
-    let row =
-        sqlx::query!(r#"SELECT pg_backend_pid() AS "pid!", pg_current_xact_id()::text AS "xid!""#)
-            .fetch_one(conn)
-            .await?;
-    Ok(TransactionIdentity {
-        backend_pid: row.pid,
-        xid: row.xid,
-    })
 }
 
 /// How a transaction whose COMMIT got no answer ended: `Some(true)` committed,

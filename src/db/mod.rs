@@ -104,7 +104,7 @@ fn sqlstate(error: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
 }
 
 /// A pooled connection idle this long is tested before it is handed out.
-const TEST_CONNECTIONS_IDLE_FOR: Duration = Duration::from_secs(1);
+pub const TEST_CONNECTIONS_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// A pool that connects lazily: processes start while the database is down and
 /// work as soon as it answers.

@@ -6,6 +6,9 @@
 //! memory). A collector takes what is queued as soon as a committer is free,
 //! up to `max_batch` deliveries, waiting at most `max_wait` for more; while
 //! every committer is busy, requests gather into the next batch by themselves.
+//! A batch is three round trips (BEGIN, the statement, COMMIT), and each
+//! committer keeps its connection from one batch to the next while deliveries
+//! keep coming; after a second without any, it hands it back to the pool.
 //!
 //! A 503 means "nothing stored", so a request gives up at its deadline only
 //! while it is still queued. Once taken into a batch it waits for the batch's
@@ -20,9 +23,9 @@ use std::{
     time::Duration,
 };
 
-use sqlx::{Acquire, PgPool};
+use sqlx::{pool::PoolConnection, Acquire, PgPool, Postgres};
 use tokio::{
-    sync::{mpsc, oneshot, Semaphore},
+    sync::{mpsc, oneshot},
     time::Instant,
 };
 
@@ -127,15 +130,88 @@ impl GroupCommit {
     }
 }
 
+/// One of the batches that may commit at once, and the connection it keeps
+/// from one batch to the next. Kept, a connection is neither handed back to
+/// the pool nor taken from it for each batch: the pool tests every connection
+/// handed back with a round trip of its own.
+#[derive(Default)]
+struct Committer {
+    connection: Option<(PoolConnection<Postgres>, std::time::Instant)>,
+}
+
+impl Committer {
+    /// The kept connection, unless it sat idle long enough that the pool
+    /// should test it first (a database restart may have broken it).
+    fn take_connection(&mut self) -> Option<PoolConnection<Postgres>> {
+        let (connection, used_at) = self.connection.take()?;
+        (used_at.elapsed() < crate::db::TEST_CONNECTIONS_IDLE_FOR).then_some(connection)
+    }
+
+    /// Keeps a connection whose batch ended as the server said it would.
+    fn keep(&mut self, connection: PoolConnection<Postgres>) {
+        self.connection = Some((connection, std::time::Instant::now()));
+    }
+
+    /// Hands the connection back to the pool: an idle receiver holds none,
+    /// so readiness probes and the pool's own limits see them.
+    fn release(&mut self) {
+        self.connection = None;
+    }
+}
+
+/// A committer lent to a batch. It is handed back when the batch ends, even
+/// by a panic (then without its connection, which may be mid-transaction), so
+/// the number of committers never shrinks.
+struct Lent {
+    committer: Option<Committer>,
+    free: mpsc::Sender<Committer>,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let mut committer = self.committer.take().unwrap_or_default();
+        if std::thread::panicking() {
+            committer.release();
+        }
+        // Never full: the channel holds as many committers as there are.
+        let _ = self.free.try_send(committer);
+    }
+}
+
 async fn collect(pool: PgPool, settings: GroupCommitSettings, mut queue: mpsc::Receiver<Waiting>) {
-    let committers = Arc::new(Semaphore::new(settings.committers.max(1)));
+    let count = settings.committers.max(1);
+    let (free_committers, mut free) = mpsc::channel(count);
+    for _ in 0..count {
+        let _ = free_committers.try_send(Committer::default());
+    }
     let max_batch = settings.max_batch.max(1);
+    let mut held = None;
     loop {
-        let Ok(committer) = committers.clone().acquire_owned().await else {
-            return;
+        let mut committer = match held.take() {
+            Some(committer) => committer,
+            None => match free.recv().await {
+                Some(committer) => committer,
+                None => return,
+            },
         };
-        let Some(first) = queue.recv().await else {
-            return;
+        let first = loop {
+            match tokio::time::timeout(crate::db::TEST_CONNECTIONS_IDLE_FOR, queue.recv()).await {
+                Ok(Some(first)) => break first,
+                Ok(None) => return,
+                // Idle for a second: every committer not busy hands its
+                // connection back; busy ones do so once they are free.
+                Err(_) => {
+                    committer.release();
+                    let mut idle = Vec::new();
+                    while let Ok(mut other) = free.try_recv() {
+                        other.release();
+                        idle.push(other);
+                    }
+                    for other in idle {
+                        let _ = free_committers.try_send(other);
+                    }
+                }
+            }
         };
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + settings.max_wait;
@@ -157,18 +233,29 @@ async fn collect(pool: PgPool, settings: GroupCommitSettings, mut queue: mpsc::R
             !waiting.reply.is_closed() && move_from_queued(&waiting.state, TAKEN)
         });
         if batch.is_empty() {
+            held = Some(committer);
             continue;
         }
         let pool = pool.clone();
         let statement_timeout = settings.statement_timeout;
+        let mut lent = Lent {
+            committer: Some(committer),
+            free: free_committers.clone(),
+        };
         tokio::spawn(async move {
-            commit(&pool, batch, statement_timeout).await;
-            drop(committer);
+            if let Some(committer) = lent.committer.as_mut() {
+                commit(&pool, committer, batch, statement_timeout).await;
+            }
         });
     }
 }
 
-async fn commit(pool: &PgPool, batch: Vec<Waiting>, statement_timeout: Duration) {
+async fn commit(
+    pool: &PgPool,
+    committer: &mut Committer,
+    batch: Vec<Waiting>,
+    statement_timeout: Duration,
+) {
     metrics::histogram!("hookbox_ingest_batch_size").record(batch.len() as f64);
     let Some(deadline) = batch.iter().map(|waiting| waiting.deadline).min() else {
         return;
@@ -181,7 +268,7 @@ async fn commit(pool: &PgPool, batch: Vec<Waiting>, statement_timeout: Duration)
         .into_iter()
         .map(|waiting| (waiting.delivery, waiting.reply))
         .unzip();
-    match store_all(pool, &deliveries, limits).await {
+    match store_all(pool, committer, &deliveries, limits).await {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));
@@ -199,7 +286,7 @@ async fn commit(pool: &PgPool, batch: Vec<Waiting>, statement_timeout: Duration)
                 "a batch was refused; storing its deliveries one by one"
             );
             for (delivery, reply) in deliveries.iter().zip(replies) {
-                let result = store_all(pool, std::slice::from_ref(delivery), limits)
+                let result = store_all(pool, committer, std::slice::from_ref(delivery), limits)
                     .await
                     .map(|mut outcomes| outcomes.remove(0));
                 let _ = reply.send(result);
@@ -232,12 +319,13 @@ const RACE_RETRIES: usize = 3;
 /// another transaction.
 async fn store_all(
     pool: &PgPool,
+    committer: &mut Committer,
     deliveries: &[NewDelivery],
     limits: Limits,
 ) -> Result<Vec<(IngestOutcome, Uuid)>, CommitError> {
     let mut tries = 0;
     loop {
-        match store_once(pool, deliveries, limits).await {
+        match store_once(pool, committer, deliveries, limits).await {
             Err(CommitError::BatchFailed(error)) if error.lost_a_race() && tries < RACE_RETRIES => {
                 tries += 1;
                 metrics::counter!("hookbox_ingest_batch_retries_total").increment(1);
@@ -252,16 +340,23 @@ async fn store_all(
     }
 }
 
+/// Stores the batch on the committer's connection (or one from the pool),
+/// which it keeps only after a batch that committed: after any failure the
+/// connection goes back to the pool, which tests it before its next use.
 async fn store_once(
     pool: &PgPool,
+    committer: &mut Committer,
     deliveries: &[NewDelivery],
     limits: Limits,
 ) -> Result<Vec<(IngestOutcome, Uuid)>, CommitError> {
     let failed = |error: StoreError| CommitError::BatchFailed(Arc::new(error));
-    let mut connection = tokio::time::timeout_at(limits.deadline, pool.acquire())
-        .await
-        .map_err(|_| CommitError::DeadlinePassed)?
-        .map_err(|error| failed(error.into()))?;
+    let mut connection = match committer.take_connection() {
+        Some(connection) => connection,
+        None => tokio::time::timeout_at(limits.deadline, pool.acquire())
+            .await
+            .map_err(|_| CommitError::DeadlinePassed)?
+            .map_err(|error| failed(error.into()))?,
+    };
     let budget = limits.deadline.saturating_duration_since(Instant::now());
     if budget < SHORTEST_BUDGET {
         return Err(CommitError::DeadlinePassed);
@@ -269,27 +364,32 @@ async fn store_once(
     // One transaction: the batch's statements commit together or not at all,
     // so a 503 always means that none of its events was stored.
     let mut transaction = connection.begin().await.map_err(|e| failed(e.into()))?;
-    let (identity, outcomes) = async {
+    let stored = async {
         if budget < limits.statement_timeout {
             // Rare (the queue was slow): the tighter limit applies to this
             // batch's statements only.
             store::set_local_statement_timeout(&mut transaction, budget).await?;
         }
-        let identity = store::transaction_identity(&mut transaction).await?;
-        let outcomes = store::ingest_batch(&mut transaction, deliveries, Origin::Http).await?;
-        Ok((identity, outcomes))
+        store::ingest_batch_in_transaction(&mut transaction, deliveries, Origin::Http).await
     }
     .await
     .map_err(failed)?;
     match transaction.commit().await {
-        Ok(()) => Ok(outcomes),
+        Ok(()) => {
+            committer.keep(connection);
+            Ok(stored.outcomes)
+        }
         // The server answered the COMMIT: the transaction is rolled back.
         Err(error @ sqlx::Error::Database(_)) => Err(failed(error.into())),
         // The connection failed during COMMIT: it may have committed or not.
         Err(error) => {
             drop(connection);
-            match committed(pool, &identity, limits.deadline).await {
-                Some(true) => Ok(outcomes),
+            let outcome = match &stored.transaction {
+                Some(identity) => committed(pool, identity, limits.deadline).await,
+                None => None,
+            };
+            match outcome {
+                Some(true) => Ok(stored.outcomes),
                 _ => Err(failed(error.into())),
             }
         }

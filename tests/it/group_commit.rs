@@ -179,6 +179,73 @@ async fn a_row_the_database_refuses_fails_only_its_own_request() {
     );
 }
 
+/// A batch the database refuses only at its COMMIT (a deferred constraint)
+/// fails alone: the one committer's next batches, on the connection it keeps
+/// or on another, are stored as usual.
+#[tokio::test]
+async fn a_batch_refused_at_its_commit_leaves_the_committers_next_batches_stored() {
+    let app = spawn_begini_with("batch_committers = 1").await;
+    let bodies = fresh_bodies(3);
+    let refused = sha256_hex(&bodies[0]);
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.payload_sha256 = '{refused}' THEN
+                 RAISE check_violation USING MESSAGE = 'refused at commit';
+             END IF;
+             RETURN NULL;
+         END $$;
+         CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON inbox_event_state
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();"
+    ))
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+
+    let mut answers = Vec::new();
+    for body in &bodies {
+        answers.push(app.post_signed("begini", body).await);
+    }
+
+    assert_eq!(answers[0].status, 503);
+    for answer in &answers[1..] {
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body["status"], "accepted");
+    }
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM inbox_events WHERE payload_sha256 = '{refused}'"
+        ))
+        .await,
+        0
+    );
+    assert_eq!(app.count("SELECT count(*) FROM inbox_events").await, 2);
+}
+
+/// With one database connection the committer and `/readyz` share it: a
+/// committer keeps its connection only while deliveries keep coming.
+#[tokio::test]
+async fn a_receiver_with_one_database_connection_is_ready_again_once_deliveries_stop() {
+    let app = TestApp::spawn(
+        &format!("[database]\nmax_connections = 1\n{BEGINI_CONFIG}"),
+        &[("BEGINI_API_KEY", BEGINI_KEY)],
+    )
+    .await;
+    for body in fresh_bodies(3) {
+        assert_eq!(app.post_signed("begini", &body).await.status, 200);
+    }
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ready = app
+        .client
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(ready.status(), 200);
+}
+
 #[tokio::test]
 async fn a_full_queue_answers_503_at_once_instead_of_growing() {
     let app =
