@@ -160,8 +160,9 @@ impl Committer {
 }
 
 /// A committer lent to a batch. It is handed back when the batch ends, even
-/// by a panic (then without its connection, which may be mid-transaction), so
-/// the number of committers never shrinks.
+/// by a panic, so the number of committers never shrinks. Its connection is
+/// clean whenever that happens: a batch holds its connection outside the
+/// committer until it has committed.
 struct Lent {
     committer: Option<Committer>,
     free: mpsc::Sender<Committer>,
@@ -169,12 +170,10 @@ struct Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        let mut committer = self.committer.take().unwrap_or_default();
-        if std::thread::panicking() {
-            committer.release();
+        if let Some(committer) = self.committer.take() {
+            // Never full: the channel holds as many committers as there are.
+            let _ = self.free.try_send(committer);
         }
-        // Never full: the channel holds as many committers as there are.
-        let _ = self.free.try_send(committer);
     }
 }
 

@@ -236,14 +236,9 @@ async fn a_receiver_with_one_database_connection_is_ready_again_once_deliveries_
     }
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let ready = app
-        .client
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.readiness().await;
 
-    assert_eq!(ready.status(), 200);
+    assert_eq!(ready, 200);
 }
 
 #[tokio::test]

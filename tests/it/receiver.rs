@@ -377,16 +377,8 @@ async fn health_and_readiness_answer_while_the_database_does() {
         .send()
         .await
         .unwrap();
-    let ready = app
-        .client
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        (health.status().as_u16(), ready.status().as_u16()),
-        (200, 200)
-    );
+    let ready = app.readiness().await;
+    assert_eq!((health.status().as_u16(), ready), (200, 200));
 }
 
 #[tokio::test]

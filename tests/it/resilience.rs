@@ -51,13 +51,8 @@ async fn with_the_database_stopped_deliveries_get_503_quickly_and_200_once_it_re
         started.elapsed() < Duration::from_secs(10),
         "answered without hanging"
     );
-    let ready = app
-        .client
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status().as_u16(), 503);
+    let ready = app.readiness().await;
+    assert_eq!(ready, 503);
 
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.restart(false).unwrap();

@@ -182,6 +182,17 @@ impl TestApp {
         Answer::from(request.send().await.expect("request sent")).await
     }
 
+    /// The status `GET /readyz` answers.
+    pub async fn readiness(&self) -> u16 {
+        self.client
+            .get(format!("{}/readyz", self.address))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// POSTs `body` signed with the source's first key, as its sender would.
     pub async fn post_signed(&self, source: &str, body: &[u8]) -> Answer {
         let headers = self.sign(source, body);
