@@ -5,7 +5,7 @@
 //! are written in one statement that re-checks each lease, and committed only
 //! if every one of them still held.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
@@ -14,7 +14,7 @@ use super::{
     outcome::{self, Attempted, Processed},
     queue::{self, Claimed},
     registry::Runner,
-    Error, Event, Result, Routed, Worker,
+    Error, Event, Handler, Result, Routed, Worker,
 };
 
 impl Worker {
@@ -41,13 +41,12 @@ impl Worker {
         // The connection stays ours after a failed COMMIT (see below).
         let mut connection = self.pool.acquire().await?;
         let mut transaction = sqlx::Connection::begin(&mut *connection).await?;
+        let Some(attempted) = self.run_handlers(batch, &mut transaction).await? else {
+            transaction.rollback().await?;
+            return Ok(None);
+        };
         let mut recorded = Vec::with_capacity(batch.len());
-        for routed in batch {
-            let attempted = self.attempt_in(routed, &mut transaction, None).await?;
-            if matches!(attempted, Attempted::Ran(Err(_))) {
-                transaction.rollback().await?;
-                return Ok(None);
-            }
+        for (routed, attempted) in batch.iter().zip(attempted) {
             recorded.push((&routed.claimed.event, self.decide(routed, attempted)));
         }
         let processed = recorded
@@ -93,7 +92,7 @@ impl Worker {
                 continue;
             }
             let attempted = self
-                .attempt_in(routed, &mut transaction, Some(&mut savepoint))
+                .attempt_in(routed, &mut transaction, &mut savepoint)
                 .await?;
             let finish = self.decide(routed, attempted);
             processed.push(Processed::Recorded(finish.attempt_outcome));
@@ -108,39 +107,130 @@ impl Worker {
         }
     }
 
-    /// Runs one event's handler in `transaction`, inside `savepoint` if given.
+    /// The first pass of a batch: runs every handler, each for its events of
+    /// the batch in claim order, in calls of as many events as the handler's
+    /// recent calls allow ([`chunks`](super::chunks)). Whether the events may
+    /// still start is checked before each call. Returns what each event's
+    /// attempt came to, or `None` if a handler failed (the batch then runs
+    /// the careful way).
+    async fn run_handlers(
+        &self,
+        batch: &[Routed<'_>],
+        transaction: &mut PgConnection,
+    ) -> Result<Option<Vec<Attempted>>> {
+        let now = std::time::Instant::now();
+        let mut attempted: Vec<Option<Attempted>> = batch.iter().map(|_| None).collect();
+        let mut groups: Vec<(&str, &Arc<dyn Handler>, Vec<usize>)> = Vec::new();
+        for (position, routed) in batch.iter().enumerate() {
+            match (routed.handler, self.handler_to_run(routed, now)) {
+                (_, Err(not_run)) => attempted[position] = Some(not_run),
+                (Some(name), Ok(handler)) => {
+                    match groups.iter_mut().find(|(group, _, _)| *group == name) {
+                        Some((_, _, positions)) => positions.push(position),
+                        None => groups.push((name, handler, vec![position])),
+                    }
+                }
+                (None, Ok(_)) => unreachable!("a handler to run has a name"),
+            }
+        }
+        for (name, handler, positions) in groups {
+            let mut rest = positions.as_slice();
+            while let Some(&first) = rest.first() {
+                // One claim: its events share the lease and its deadline.
+                if !self.may_start(&batch[first].claimed, std::time::Instant::now()) {
+                    for &position in rest {
+                        attempted[position] = Some(Attempted::NotStarted);
+                    }
+                    break;
+                }
+                let (chunk, tail) = rest.split_at(self.chunks.size(name).min(rest.len()));
+                rest = tail;
+                let events: Vec<&Event> = chunk
+                    .iter()
+                    .map(|&position| &batch[position].claimed.event)
+                    .collect();
+                let started = std::time::Instant::now();
+                let ran = match events.as_slice() {
+                    [event] => Some(handler.handle(event, transaction).await),
+                    events => handler.handle_batch(events, transaction).await,
+                };
+                let results = match ran {
+                    Some(result) => vec![result; events.len()],
+                    None => {
+                        self.chunks.one_at_a_time(name);
+                        let mut results = Vec::with_capacity(events.len());
+                        for event in &events {
+                            results.push(handler.handle(event, transaction).await);
+                        }
+                        results
+                    }
+                };
+                let elapsed = started.elapsed();
+                self.chunks.record(name, events.len(), elapsed);
+                // Each event's share of the call.
+                let each = elapsed.as_secs_f64() / events.len() as f64;
+                let histogram =
+                    metrics::histogram!("hookbox_handler_seconds", "handler" => name.to_owned());
+                for (&position, result) in chunk.iter().zip(results) {
+                    if result.is_err() {
+                        return Ok(None);
+                    }
+                    histogram.record(each);
+                    attempted[position] = Some(Attempted::Ran(result));
+                }
+            }
+        }
+        Ok(Some(
+            attempted
+                .into_iter()
+                .map(|a| a.expect("every event's attempt was decided"))
+                .collect(),
+        ))
+    }
+
+    /// The transactional handler `routed` goes to, if it is to run now;
+    /// otherwise what its attempt comes to without running.
+    fn handler_to_run<'h>(
+        &'h self,
+        routed: &Routed<'_>,
+        now: std::time::Instant,
+    ) -> std::result::Result<&'h Arc<dyn Handler>, Attempted> {
+        match self.runner(routed) {
+            Some(_) if !self.may_start(&routed.claimed, now) => Err(Attempted::NotStarted),
+            None => Err(Attempted::NoRoute),
+            Some(_) if routed.claimed.stale => Err(Attempted::Stale),
+            Some(_) if routed.claimed.payload_missing => Err(Attempted::PayloadPruned),
+            Some(Runner::External(_)) => {
+                unreachable!("external handlers complete on their own")
+            }
+            Some(Runner::InTransaction(handler)) => Ok(handler),
+        }
+    }
+
+    /// Runs one event's handler in `transaction`, inside `savepoint`.
     async fn attempt_in(
         &self,
         routed: &Routed<'_>,
         transaction: &mut PgConnection,
-        savepoint: Option<&mut Savepoint>,
+        savepoint: &mut Savepoint,
     ) -> Result<Attempted> {
         let started = std::time::Instant::now();
-        let attempted = match self.runner(routed) {
-            Some(_) if !self.may_start(&routed.claimed, started) => Attempted::NotStarted,
-            None => Attempted::NoRoute,
-            Some(_) if routed.claimed.stale => Attempted::Stale,
-            Some(_) if routed.claimed.payload_missing => Attempted::PayloadPruned,
-            Some(Runner::External(_)) => {
-                unreachable!("external handlers complete on their own")
-            }
-            Some(Runner::InTransaction(handler)) => match savepoint {
-                Some(savepoint) => {
-                    savepoint.enter(transaction).await?;
-                    let mut result = handler.handle(&routed.claimed.event, transaction).await;
-                    if result.is_ok() {
-                        // Deferred constraints are checked now, inside the
-                        // event's savepoint, not at COMMIT where one event's
-                        // violation would sink the batch.
-                        if let Err(error) = check_deferred_constraints(transaction).await {
-                            result = Err(super::handlers::sql::classify(error));
-                        }
+        let attempted = match self.handler_to_run(routed, started) {
+            Err(not_run) => not_run,
+            Ok(handler) => {
+                savepoint.enter(transaction).await?;
+                let mut result = handler.handle(&routed.claimed.event, transaction).await;
+                if result.is_ok() {
+                    // Deferred constraints are checked now, inside the
+                    // event's savepoint, not at COMMIT where one event's
+                    // violation would sink the batch.
+                    if let Err(error) = check_deferred_constraints(transaction).await {
+                        result = Err(super::handlers::sql::classify(error));
                     }
-                    savepoint.leave(transaction, result.is_ok()).await?;
-                    Attempted::Ran(result)
                 }
-                None => Attempted::Ran(handler.handle(&routed.claimed.event, transaction).await),
-            },
+                savepoint.leave(transaction, result.is_ok()).await?;
+                Attempted::Ran(result)
+            }
         };
         record_duration(routed.handler, started);
         Ok(attempted)

@@ -77,6 +77,23 @@ pub trait Handler: Send + Sync {
         event: &Event,
         transaction: &mut PgConnection,
     ) -> Result<(), HandlerError>;
+
+    /// Does the work of several events at once, in claim order, when the
+    /// handler can do it for less than one call each (the `sql` handler: one
+    /// round trip for the whole batch). `None`, the default: the worker calls
+    /// [`Handler::handle`] for each event.
+    ///
+    /// All or nothing: on `Err` the worker rolls the whole batch back and
+    /// runs it again one event at a time with `handle`, which decides which
+    /// event failed and how. So the error's class and message here are not
+    /// recorded anywhere.
+    async fn handle_batch(
+        &self,
+        _events: &[&Event],
+        _transaction: &mut PgConnection,
+    ) -> Option<Result<(), HandlerError>> {
+        None
+    }
 }
 
 /// A handler with effects outside the database (HTTP, a program): it runs

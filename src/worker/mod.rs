@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 mod background;
+pub mod chunks;
 mod completion;
 mod error;
 pub mod handler;
@@ -109,6 +110,8 @@ pub struct Worker {
     sources: Vec<String>,
     /// The history's partitions this worker makes ahead when elected.
     partitions: crate::db::PartitionSettings,
+    /// How many events each transactional handler runs in one call.
+    chunks: chunks::ChunkSizes,
 }
 
 /// A claimed event and the handler its route names.
@@ -121,7 +124,10 @@ impl Worker {
     /// A worker for `config`'s routes and handlers; `library` provides the
     /// handlers of `kind = "library"`. Connects to nothing until it runs.
     pub fn from_config(config: &Config, pool: PgPool, library: LibraryHandlers) -> Result<Self> {
+        let handlers = registry::build(&config.handlers, library)?;
         Ok(Self {
+            chunks: chunks::ChunkSizes::new(handlers.keys()),
+            handlers,
             pool,
             id: worker_id(),
             plan: queue::ClaimPlan::new(config),
@@ -130,7 +136,6 @@ impl Worker {
                 .iter()
                 .filter_map(|(name, h)| h.flow.circuit.map(|c| (name.clone(), c)))
                 .collect(),
-            handlers: registry::build(&config.handlers, library)?,
             policy: RetryPolicy::from(&config.worker.retry),
             lease: config.worker.lease.0,
             poll_interval: config.worker.poll_interval.0,

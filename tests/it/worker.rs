@@ -62,7 +62,10 @@ async fn setup_from(text: &str, library: LibraryHandlers) -> Setup {
 }
 
 async fn store_event(db: &TestDb, event_type: &str) -> Uuid {
-    let body = begini_payload(&unique_uid(), event_type);
+    store_body(db, event_type, begini_payload(&unique_uid(), event_type)).await
+}
+
+async fn store_body(db: &TestDb, event_type: &str, body: Vec<u8>) -> Uuid {
     let sha = hookbox::event_key::sha256_hex(&body);
     let delivery = NewDelivery {
         ordering: None,
@@ -221,6 +224,77 @@ async fn a_sql_handler_effect_its_status_and_its_attempt_commit_together() {
     .unwrap();
     assert_eq!(event.attempts, 1);
     assert!(event.processed_at.is_some() && event.locked_by.is_none());
+}
+
+#[tokio::test]
+async fn a_sql_handler_gets_each_events_own_six_parameters_when_a_batch_runs_together() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
+         statement = \"INSERT INTO handled (payload, event_type, event_id, source, event_key, attempt) VALUES ($1, $2, $3, $4, $5, $6)\"\n"
+    ))
+    .await;
+    sqlx::query(
+        "CREATE TABLE handled (payload jsonb, event_type text, event_id uuid, source text, event_key text, attempt int)",
+    )
+    .execute(&setup.db.pool)
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for event_type in ["first.type", "second.type", "third.type"] {
+        ids.push(store_event(&setup.db, event_type).await);
+    }
+
+    let outcomes = setup.worker.process_next().await.unwrap();
+
+    assert_eq!(outcomes.len(), 3, "one claim took the whole batch");
+    // Each effect against its own event's row: (same parameters, status).
+    let rows: Vec<(bool, String)> = sqlx::query_as(
+        "SELECT h.payload = e.payload_json AND h.event_type = e.event_type AND h.source = e.source
+                AND h.event_key = e.event_key AND h.attempt = e.attempts,
+                e.status
+         FROM handled h JOIN inbox_events e ON e.id = h.event_id ORDER BY e.id",
+    )
+    .fetch_all(&setup.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![(true, "succeeded".to_owned()); 3],
+        "one effect for each event, with that event's own parameters"
+    );
+}
+
+#[tokio::test]
+async fn a_sql_handler_gets_the_payload_exactly_as_received_alone_or_in_a_batch() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
+         statement = \"INSERT INTO handled (event_id, amount) VALUES ($3, $1 ->> 'amount')\"\n"
+    ))
+    .await;
+    sqlx::query("CREATE TABLE handled (event_id uuid, amount text)")
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+    // Beyond 64 bits: parsed into a float and written again, it would lose digits.
+    let amount = "123456789012345678901234567890";
+    let body = |uid: &str| format!(r#"{{"uid":"{uid}","amount":{amount}}}"#).into_bytes();
+
+    let alone = store_body(&setup.db, "payment", body(&unique_uid())).await;
+    setup.worker.process_next().await.unwrap();
+    let batch = [
+        store_body(&setup.db, "payment", body(&unique_uid())).await,
+        store_body(&setup.db, "payment", body(&unique_uid())).await,
+    ];
+    setup.worker.process_next().await.unwrap();
+
+    for id in [alone, batch[0], batch[1]] {
+        let stored: String = sqlx::query_scalar("SELECT amount FROM handled WHERE event_id = $1")
+            .bind(id)
+            .fetch_one(&setup.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(stored, amount);
+    }
 }
 
 const FLAKY: &str = r#"

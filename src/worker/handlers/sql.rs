@@ -1,7 +1,12 @@
 //! `kind = "sql"`: one statement, run inside the event's completion transaction.
 
 use async_trait::async_trait;
-use sqlx::PgConnection;
+use sqlx::{
+    encode::IsNull,
+    error::BoxDynError,
+    postgres::{PgArgumentBuffer, PgTypeInfo},
+    PgConnection, Postgres,
+};
 
 use crate::worker::handler::{Event, Handler, HandlerError};
 
@@ -9,7 +14,8 @@ use crate::worker::handler::{Event, Handler, HandlerError};
 /// `$4` source, `$5` event key, `$6` attempt.
 pub struct SqlHandler {
     statement: String,
-    parameters: usize,
+    /// Which of `$1`..`$6` the statement names: only those values are sent.
+    used: [bool; 6],
 }
 
 impl SqlHandler {
@@ -17,15 +23,25 @@ impl SqlHandler {
     pub fn new(statement: &str) -> Self {
         Self {
             statement: statement.to_owned(),
-            parameters: highest_parameter(statement).min(6),
+            used: parameters_used(statement),
         }
+    }
+
+    /// As many parameters as the highest one the statement names.
+    fn bound(&self) -> usize {
+        self.used
+            .iter()
+            .rposition(|&used| used)
+            .map_or(0, |i| i + 1)
     }
 }
 
-/// The highest `$N` used, so exactly that many values are bound.
-fn highest_parameter(statement: &str) -> usize {
+/// Which of `$1`..`$6` appear in the statement. A parameter below the highest
+/// one that the statement does not name is still bound (positions are
+/// fixed), as NULL: a payload nobody reads is not sent.
+fn parameters_used(statement: &str) -> [bool; 6] {
     let bytes = statement.as_bytes();
-    let mut highest = 0;
+    let mut used = [false; 6];
     for (i, &b) in bytes.iter().enumerate() {
         if b == b'$' {
             let digits: String = bytes[i + 1..]
@@ -34,11 +50,40 @@ fn highest_parameter(statement: &str) -> usize {
                 .map(|&c| c as char)
                 .collect();
             if let Ok(n) = digits.parse::<usize>() {
-                highest = highest.max(n);
+                if (1..=6).contains(&n) {
+                    used[n - 1] = true;
+                }
             }
         }
     }
-    highest
+    used
+}
+
+/// A JSON payload's exact bytes, sent as `jsonb` (whose binary form is a
+/// version byte and the JSON text). Parsed and written again by serde_json,
+/// a number beyond 64 bits would lose digits on the way.
+struct JsonbText<'a>(&'a [u8]);
+
+impl sqlx::Type<Postgres> for JsonbText<'_> {
+    fn type_info() -> PgTypeInfo {
+        <sqlx::types::Json<()> as sqlx::Type<Postgres>>::type_info()
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for JsonbText<'_> {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        buf.push(1);
+        buf.extend_from_slice(self.0);
+        Ok(IsNull::No)
+    }
+}
+
+/// The payload as the statement's `$1` gets it: NULL when it is not JSON.
+fn json_payload(event: &Event) -> Option<&[u8]> {
+    event
+        .payload_json
+        .as_ref()
+        .map(|_| event.payload.as_slice())
 }
 
 #[async_trait]
@@ -49,30 +94,72 @@ impl Handler for SqlHandler {
         transaction: &mut PgConnection,
     ) -> Result<(), HandlerError> {
         let mut query = sqlx::query(&self.statement);
-        let n = self.parameters;
+        let [payload, event_type, id, source, key, attempt] = self.used;
+        let n = self.bound();
         if n >= 1 {
-            query = query.bind(event.payload_json.clone().map(sqlx::types::Json));
+            query = query.bind(json_payload(event).filter(|_| payload).map(JsonbText));
         }
         if n >= 2 {
-            query = query.bind(event.event_type.clone());
+            query = query.bind(event.event_type.as_deref().filter(|_| event_type));
         }
         if n >= 3 {
-            query = query.bind(event.id);
+            query = query.bind(Some(event.id).filter(|_| id));
         }
         if n >= 4 {
-            query = query.bind(event.source.clone());
+            query = query.bind(Some(event.source.as_str()).filter(|_| source));
         }
         if n >= 5 {
-            query = query.bind(event.event_key.clone());
+            query = query.bind(Some(event.event_key.as_str()).filter(|_| key));
         }
         if n >= 6 {
-            query = query.bind(event.attempt);
+            query = query.bind(Some(event.attempt).filter(|_| attempt));
         }
         query
             .execute(transaction)
             .await
             .map(|_| ())
             .map_err(classify)
+    }
+
+    /// One call for the whole batch (`inbox_run_statement`, schema V16): the
+    /// statement runs once per event inside the server, with each event's
+    /// parameters, instead of one round trip per event.
+    async fn handle_batch(
+        &self,
+        events: &[&Event],
+        transaction: &mut PgConnection,
+    ) -> Option<Result<(), HandlerError>> {
+        let [payload, event_type, _, source, key, attempt] = self.used;
+        // Valid UTF-8 wherever it parsed as JSON.
+        let payloads: Option<Vec<Option<&str>>> = payload.then(|| {
+            events
+                .iter()
+                .map(|e| json_payload(e).and_then(|bytes| std::str::from_utf8(bytes).ok()))
+                .collect()
+        });
+        let types: Option<Vec<Option<&str>>> =
+            event_type.then(|| events.iter().map(|e| e.event_type.as_deref()).collect());
+        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+        let sources: Option<Vec<&str>> =
+            source.then(|| events.iter().map(|e| e.source.as_str()).collect());
+        let keys: Option<Vec<&str>> =
+            key.then(|| events.iter().map(|e| e.event_key.as_str()).collect());
+        let attempts: Option<Vec<i32>> =
+            attempt.then(|| events.iter().map(|e| e.attempt).collect());
+        // Every event's id goes, used or not: its length is the batch's.
+        let result = sqlx::query_scalar!(
+            r#"SELECT inbox_run_statement($1, $2, $3, $4, $5, $6, $7) AS "ran!""#,
+            &self.statement,
+            payloads as Option<Vec<Option<&str>>>,
+            types as Option<Vec<Option<&str>>>,
+            &ids,
+            sources as Option<Vec<&str>>,
+            keys as Option<Vec<&str>>,
+            attempts as Option<Vec<i32>>,
+        )
+        .fetch_one(transaction)
+        .await;
+        Some(result.map(|_| ()).map_err(classify))
     }
 }
 
@@ -98,9 +185,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_parameters_used_are_bound() {
-        assert_eq!(highest_parameter("SELECT 1"), 0);
-        assert_eq!(highest_parameter("SELECT f($1, $3)"), 3);
-        assert_eq!(highest_parameter("INSERT INTO t VALUES ($6, $2)"), 6);
+    fn only_the_parameters_named_are_sent_up_to_the_highest() {
+        let bound = |statement: &str| {
+            let handler = SqlHandler::new(statement);
+            (handler.bound(), handler.used)
+        };
+        assert_eq!(bound("SELECT 1"), (0, [false; 6]));
+        assert_eq!(
+            bound("SELECT f($1, $3)"),
+            (3, [true, false, true, false, false, false])
+        );
+        assert_eq!(
+            bound("INSERT INTO t VALUES ($6, $2)"),
+            (6, [false, true, false, false, false, true])
+        );
+        assert_eq!(bound("SELECT $$a$$, $7"), (0, [false; 6]));
     }
 }
