@@ -153,6 +153,59 @@ fn sender_time(value: &serde_json::Value) -> Option<chrono::DateTime<chrono::Utc
     }
 }
 
+/// Whether every number in `json` (valid JSON) fits PostgreSQL's `numeric`,
+/// which `jsonb` stores numbers as: at most 16,383 digits after the point and
+/// about 131,000 before it. serde_json reads `1e-20000` as 0.0, but
+/// PostgreSQL refuses it ("value overflows numeric format"), and a stored
+/// payload that `jsonb` cannot hold would fail every query of its
+/// `payload_json`. Conservative: a number near the limits counts as not
+/// fitting, and its payload keeps its bytes only.
+fn numbers_fit_numeric(json: &str) -> bool {
+    const MOST_SCALE: i64 = 16_383;
+    const MOST_WHOLE_DIGITS: i64 = 131_000;
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Skip the string, escapes included.
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let number = &json[start..i];
+                let (mantissa, exponent) = match number.find(['e', 'E']) {
+                    Some(at) => (
+                        &number[..at],
+                        number[at + 1..].parse::<i64>().unwrap_or(i64::MAX),
+                    ),
+                    None => (number, 0),
+                };
+                let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+                let whole_digits = whole.trim_start_matches('-').len() as i64;
+                let fraction_digits = fraction.len() as i64;
+                if exponent.unsigned_abs() > 1_000_000
+                    || fraction_digits - exponent > MOST_SCALE
+                    || whole_digits + exponent > MOST_WHOLE_DIGITS
+                {
+                    return false;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    true
+}
+
 impl<'a> EventFields<'a> {
     /// Derives key, type and JSON text the same way for every way in (HTTP
     /// delivery or import).
@@ -190,7 +243,7 @@ impl<'a> EventFields<'a> {
         let json_text = json
             .as_ref()
             .and_then(|_| std::str::from_utf8(payload).ok())
-            .filter(|text| !text.contains("\\u0000"));
+            .filter(|text| !text.contains("\\u0000") && numbers_fit_numeric(text));
         Ok(Self {
             event_key,
             event_type,
@@ -372,6 +425,17 @@ mod tests {
             .extract("", Some(&serde_json::json!({})), NO_HEADERS)
             .unwrap_err();
         assert_eq!(err.to_string(), "event key field /uid is missing");
+    }
+
+    #[test]
+    fn numbers_postgresql_numeric_cannot_hold_are_found_outside_strings_only() {
+        assert!(numbers_fit_numeric(
+            r#"{"a":1.5e-300,"b":-12345678901234567890123,"c":[0,1e10]}"#
+        ));
+        assert!(numbers_fit_numeric(r#"{"a":"1e-20000","b\"1e-20000":1}"#));
+        assert!(!numbers_fit_numeric(r#"{"a":1e-20000}"#));
+        assert!(!numbers_fit_numeric(r#"[0e99999999999]"#));
+        assert!(!numbers_fit_numeric(r#"{"a":[1,2,1e999999]}"#));
     }
 
     #[test]

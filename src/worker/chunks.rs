@@ -1,98 +1,75 @@
-//! How many events of a batch a handler runs in one call
-//! ([`Handler::handle_batch`](super::Handler::handle_batch)).
+//! How many events of a batch a handler is handed in one call
+//! ([`Handler::handle_batch`](super::Handler::handle_batch)), and how long a
+//! call may run.
 //!
-//! The worker checks, between calls, whether a handler may still start (the
-//! lease has time left, no SIGTERM): a call of 500 slow statements would hold
-//! both for as long as it runs. So each handler's calls start at one event
-//! and grow while they stay short: a fast statement soon runs for the whole
-//! batch in one call; a slow one stays at one event per call, checked before
-//! each, as it always was.
+//! The worker checks, between calls, whether the rest of a batch may still
+//! start (the lease has time left, no SIGTERM), so a call is bounded by time
+//! ([`CALL_BUDGET`]): it stops after the event during which the budget ran
+//! out and says how many events it ran. What a call is handed is bounded too,
+//! by what recent calls managed: a slow statement is not sent a whole
+//! batch's payloads again at every call.
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
-/// A call that takes longer than this is too coarse a step between checks.
-pub const TARGET: Duration = Duration::from_millis(50);
+/// A call runs events until this much time has passed (the first event runs
+/// whatever it takes, as it did alone): the longest step between two checks
+/// that the rest of the batch may still start.
+pub const CALL_BUDGET: Duration = Duration::from_millis(50);
 
-/// The largest call, whatever the batch size.
+/// The most events one call is handed, whatever the batch size.
 pub const MOST: usize = 1000;
 
-/// The next call's size after a call of `size` events took `elapsed`:
-/// doubles while calls take under half of [`TARGET`], halves when one takes
-/// longer than it.
+/// How many events to hand the next call, after a call handed `handed` events
+/// ran `ran` of them within its budget: twice as many while calls run all
+/// they are handed, and what fitted otherwise.
 ///
 /// ```
-/// use std::time::Duration;
 /// use hookbox::worker::chunks::next_size;
 ///
-/// assert_eq!(next_size(1, Duration::from_millis(1)), 2);
-/// assert_eq!(next_size(64, Duration::from_millis(40)), 64);
-/// assert_eq!(next_size(64, Duration::from_millis(300)), 32);
-/// assert_eq!(next_size(1, Duration::from_secs(2)), 1);
+/// assert_eq!(next_size(1, 1), 2);
+/// assert_eq!(next_size(600, 600), 1000);
+/// assert_eq!(next_size(64, 10), 10);
+/// assert_eq!(next_size(64, 0), 1);
 /// ```
-pub fn next_size(size: usize, elapsed: Duration) -> usize {
-    if elapsed > TARGET {
-        (size / 2).max(1)
-    } else if elapsed < TARGET / 2 {
-        (size * 2).min(MOST)
+pub fn next_size(handed: usize, ran: usize) -> usize {
+    if ran >= handed {
+        (handed * 2).min(MOST)
     } else {
-        size
+        ran.max(1)
     }
 }
 
 /// Each transactional handler's current call size, shared by the worker's
-/// tasks (a stale read only makes one call a step too large or too small).
+/// tasks (a stale read only hands one call a step too many or too few).
 #[derive(Default)]
-pub(super) struct ChunkSizes(HashMap<String, Chunk>);
-
-struct Chunk {
-    size: AtomicUsize,
-    /// Cleared once the handler showed it has no call for several events.
-    batches: AtomicBool,
-}
+pub(super) struct ChunkSizes(HashMap<String, AtomicUsize>);
 
 impl ChunkSizes {
+    /// Every handler starts at one event per call.
     pub(super) fn new<'a>(handlers: impl IntoIterator<Item = &'a String>) -> Self {
         Self(
             handlers
                 .into_iter()
-                .map(|name| {
-                    let chunk = Chunk {
-                        size: AtomicUsize::new(1),
-                        batches: AtomicBool::new(true),
-                    };
-                    (name.clone(), chunk)
-                })
+                .map(|name| (name.clone(), AtomicUsize::new(1)))
                 .collect(),
         )
     }
 
-    /// How many events `handler`'s next call may take.
+    /// How many events `handler`'s next call may be handed.
     pub(super) fn size(&self, handler: &str) -> usize {
-        match self.0.get(handler) {
-            Some(chunk) if chunk.batches.load(Ordering::Relaxed) => {
-                chunk.size.load(Ordering::Relaxed).max(1)
-            }
-            _ => 1,
-        }
+        self.0
+            .get(handler)
+            .map_or(1, |size| size.load(Ordering::Relaxed).max(1))
     }
 
-    /// A call of `size` events took `elapsed`.
-    pub(super) fn record(&self, handler: &str, size: usize, elapsed: Duration) {
-        if let Some(chunk) = self.0.get(handler) {
-            chunk
-                .size
-                .store(next_size(size, elapsed), Ordering::Relaxed);
-        }
-    }
-
-    /// `handler` runs one event per call for good: it has no call for several.
-    pub(super) fn one_at_a_time(&self, handler: &str) {
-        if let Some(chunk) = self.0.get(handler) {
-            chunk.batches.store(false, Ordering::Relaxed);
+    /// A call of `handler` was handed `handed` events and ran `ran`.
+    pub(super) fn record(&self, handler: &str, handed: usize, ran: usize) {
+        if let Some(size) = self.0.get(handler) {
+            size.store(next_size(handed, ran), Ordering::Relaxed);
         }
     }
 }

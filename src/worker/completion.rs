@@ -11,6 +11,7 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{
+    chunks,
     outcome::{self, Attempted, Processed},
     queue::{self, Claimed},
     registry::Runner,
@@ -108,11 +109,10 @@ impl Worker {
     }
 
     /// The first pass of a batch: runs every handler, each for its events of
-    /// the batch in claim order, in calls of as many events as the handler's
-    /// recent calls allow ([`chunks`](super::chunks)). Whether the events may
-    /// still start is checked before each call. Returns what each event's
-    /// attempt came to, or `None` if a handler failed (the batch then runs
-    /// the careful way).
+    /// the batch in claim order, several events per call where the handler
+    /// can ([`chunks`](super::chunks)). Whether the events may still start is
+    /// checked before each call. Returns what each event's attempt came to,
+    /// or `None` if a handler failed (the batch then runs the careful way).
     async fn run_handlers(
         &self,
         batch: &[Routed<'_>],
@@ -134,6 +134,8 @@ impl Worker {
             }
         }
         for (name, handler, positions) in groups {
+            let histogram =
+                metrics::histogram!("hookbox_handler_seconds", "handler" => name.to_owned());
             let mut rest = positions.as_slice();
             while let Some(&first) = rest.first() {
                 // One claim: its events share the lease and its deadline.
@@ -143,41 +145,36 @@ impl Worker {
                     }
                     break;
                 }
-                let (chunk, tail) = rest.split_at(self.chunks.size(name).min(rest.len()));
-                rest = tail;
-                let events: Vec<&Event> = chunk
+                let handed: Vec<&Event> = rest[..self.chunks.size(name).min(rest.len())]
                     .iter()
                     .map(|&position| &batch[position].claimed.event)
                     .collect();
                 let started = std::time::Instant::now();
-                let ran = match events.as_slice() {
-                    [event] => Some(handler.handle(event, transaction).await),
-                    events => handler.handle_batch(events, transaction).await,
-                };
-                let results = match ran {
-                    Some(result) => vec![result; events.len()],
-                    None => {
-                        self.chunks.one_at_a_time(name);
-                        let mut results = Vec::with_capacity(events.len());
-                        for event in &events {
-                            results.push(handler.handle(event, transaction).await);
-                        }
-                        results
+                let called = match handed.as_slice() {
+                    [_, _, ..] => {
+                        handler
+                            .handle_batch(&handed, chunks::CALL_BUDGET, transaction)
+                            .await
                     }
+                    _ => None,
                 };
-                let elapsed = started.elapsed();
-                self.chunks.record(name, events.len(), elapsed);
+                let ran = match called {
+                    Some(Ok(ran)) => ran.clamp(1, handed.len()),
+                    Some(Err(_)) => return Ok(None),
+                    None => match handler.handle(handed[0], transaction).await {
+                        Ok(()) => 1,
+                        Err(_) => return Ok(None),
+                    },
+                };
+                self.chunks.record(name, handed.len(), ran);
                 // Each event's share of the call.
-                let each = elapsed.as_secs_f64() / events.len() as f64;
-                let histogram =
-                    metrics::histogram!("hookbox_handler_seconds", "handler" => name.to_owned());
-                for (&position, result) in chunk.iter().zip(results) {
-                    if result.is_err() {
-                        return Ok(None);
-                    }
+                let each = started.elapsed().as_secs_f64() / ran as f64;
+                let (done, tail) = rest.split_at(ran);
+                for &position in done {
                     histogram.record(each);
-                    attempted[position] = Some(Attempted::Ran(result));
+                    attempted[position] = Some(Attempted::Ran(Ok(())));
                 }
+                rest = tail;
             }
         }
         Ok(Some(

@@ -78,10 +78,13 @@ pub trait Handler: Send + Sync {
         transaction: &mut PgConnection,
     ) -> Result<(), HandlerError>;
 
-    /// Does the work of several events at once, in claim order, when the
+    /// Does the work of several events at once, in the order given, when the
     /// handler can do it for less than one call each (the `sql` handler: one
-    /// round trip for the whole batch). `None`, the default: the worker calls
-    /// [`Handler::handle`] for each event.
+    /// round trip for many events). Runs events until `within` has passed
+    /// (the first whatever it takes) and returns how many it ran, from the
+    /// first: the worker checks between calls whether the rest may still
+    /// start, and hands them to the next call. `None`, the default: the
+    /// worker calls [`Handler::handle`] for each event.
     ///
     /// All or nothing: on `Err` the worker rolls the whole batch back and
     /// runs it again one event at a time with `handle`, which decides which
@@ -90,8 +93,9 @@ pub trait Handler: Send + Sync {
     async fn handle_batch(
         &self,
         _events: &[&Event],
+        _within: Duration,
         _transaction: &mut PgConnection,
-    ) -> Option<Result<(), HandlerError>> {
+    ) -> Option<Result<usize, HandlerError>> {
         None
     }
 }

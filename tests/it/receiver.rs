@@ -99,26 +99,30 @@ async fn a_json_payload_is_stored_once_and_still_reads_as_json() {
 #[tokio::test]
 async fn json_that_jsonb_cannot_hold_keeps_its_bytes_without_payload_json() {
     let app = TestApp::begini().await;
-    let body = format!(
-        r#"{{"uid":"{}","event":{{"type":"application.complete"}},"note":"a\u0000b"}}"#,
-        unique_uid()
-    )
-    .into_bytes();
+    // A NUL character, and numbers beyond what PostgreSQL's numeric holds
+    // (16,383 digits after the point; an exponent in its range).
+    for extra in [r#""a\u0000b""#, "1e-20000", "0e99999999999"] {
+        let body = format!(
+            r#"{{"uid":"{}","event":{{"type":"application.complete"}},"note":{extra}}}"#,
+            unique_uid()
+        )
+        .into_bytes();
 
-    let answer = app.post_signed("begini", &body).await;
+        let answer = app.post_signed("begini", &body).await;
 
-    assert_eq!(answer.status, 200, "{}", answer.body);
-    let row = sqlx::query!(
-        r#"SELECT e.payload, e.payload_json IS NULL AS "no_json!", p.payload_is_json
-           FROM inbox_events e JOIN inbox_payloads p ON p.event_id = e.id WHERE e.id = $1"#,
-        answer.event_id()
-    )
-    .fetch_one(&app.db.pool)
-    .await
-    .unwrap();
-    assert_eq!(row.payload.as_deref(), Some(body.as_slice()));
-    assert!(row.no_json);
-    assert!(!row.payload_is_json);
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let row = sqlx::query!(
+            r#"SELECT e.payload, e.payload_json IS NULL AS "no_json!", p.payload_is_json
+               FROM inbox_events e JOIN inbox_payloads p ON p.event_id = e.id WHERE e.id = $1"#,
+            answer.event_id()
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(row.payload.as_deref(), Some(body.as_slice()));
+        assert!(row.no_json, "{extra}");
+        assert!(!row.payload_is_json, "{extra}");
+    }
 }
 
 #[tokio::test]

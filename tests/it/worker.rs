@@ -297,6 +297,86 @@ async fn a_sql_handler_gets_the_payload_exactly_as_received_alone_or_in_a_batch(
     }
 }
 
+#[tokio::test]
+async fn a_statement_that_turns_slow_after_fast_events_still_starts_nothing_past_the_lease() {
+    let setup = setup_with_lease(
+        &format!(
+            "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
+             statement = \"INSERT INTO side_effects (event_id, attempt, at) \
+             SELECT $3, $6, clock_timestamp() FROM pg_sleep(CASE WHEN $2 = 'slow' THEN 0.05 ELSE 0 END)\"\n"
+        ),
+        "1s",
+    )
+    .await;
+    // Fast events first: the handler's calls grow to take many events each
+    // (1 + 2 + ... + 64: the last call took 64).
+    for _ in 0..127 {
+        store_event(&setup.db, "fast").await;
+    }
+    setup.worker.process_next().await.unwrap();
+    let mut slow = Vec::new();
+    for _ in 0..40 {
+        slow.push(store_event(&setup.db, "slow").await);
+    }
+
+    setup.worker.process_next().await.unwrap();
+
+    // 40 x 50 ms is twice the lease: the handler must stop starting events
+    // at 90% of it, whatever the calls before managed.
+    let latest: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(s.at - a.started_at))::float8
+         FROM side_effects s JOIN inbox_attempts a ON a.event_id = s.event_id
+         WHERE s.event_id = ANY($1)",
+    )
+    .bind(&slow)
+    .fetch_one(&setup.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        latest < 1.0,
+        "a slow event ran {latest:.2} s after its claim, past its 1 s lease"
+    );
+    let released: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM inbox_attempts WHERE event_id = ANY($1) AND outcome = 'retry' AND error LIKE 'released:%'",
+    )
+    .bind(&slow)
+    .fetch_one(&setup.db.pool)
+    .await
+    .unwrap();
+    assert!(released > 0, "the rest of the batch was handed back");
+}
+
+#[tokio::test]
+async fn a_statement_of_several_commands_fails_the_same_way_however_many_events_a_call_takes() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
+         statement = \"INSERT INTO side_effects (event_id) VALUES ($3); INSERT INTO side_effects (event_id) VALUES ($3)\"\n"
+    ))
+    .await;
+    // Batches of growing size, as a handler's calls would grow.
+    for size in [1, 1, 1, 1, 1, 10] {
+        for _ in 0..size {
+            store_event(&setup.db, "any.type").await;
+        }
+        setup.worker.process_next().await.unwrap();
+    }
+
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM side_effects")
+        .fetch_one(&setup.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        effects, 0,
+        "PostgreSQL refuses it as a prepared statement: no event ran it"
+    );
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM inbox_events WHERE status = 'succeeded'")
+            .fetch_one(&setup.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(succeeded, 0);
+}
+
 const FLAKY: &str = r#"
 CREATE FUNCTION flaky(event uuid, attempt int) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN

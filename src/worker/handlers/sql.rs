@@ -1,5 +1,10 @@
 //! `kind = "sql"`: one statement, run inside the event's completion transaction.
 
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
 use async_trait::async_trait;
 use sqlx::{
     encode::IsNull,
@@ -16,6 +21,11 @@ pub struct SqlHandler {
     statement: String,
     /// Which of `$1`..`$6` the statement names: only those values are sent.
     used: [bool; 6],
+    /// The statement has run once as a prepared statement. Until then it
+    /// runs one event at a time: PostgreSQL refuses some statements there
+    /// (several commands in one) that the loop of a call would run, and a
+    /// statement must fail the same way however many events it is handed.
+    runs_prepared: AtomicBool,
 }
 
 impl SqlHandler {
@@ -24,6 +34,7 @@ impl SqlHandler {
         Self {
             statement: statement.to_owned(),
             used: parameters_used(statement),
+            runs_prepared: AtomicBool::new(false),
         }
     }
 
@@ -114,22 +125,30 @@ impl Handler for SqlHandler {
         if n >= 6 {
             query = query.bind(Some(event.attempt).filter(|_| attempt));
         }
-        query
-            .execute(transaction)
-            .await
-            .map(|_| ())
-            .map_err(classify)
+        query.execute(transaction).await.map_err(classify)?;
+        self.runs_prepared.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
-    /// One call for the whole batch (`inbox_run_statement`, schema V16): the
+    /// One call for many events (`inbox_run_statement`, schema V16): the
     /// statement runs once per event inside the server, with each event's
-    /// parameters, instead of one round trip per event.
+    /// parameters, until `within` has passed, instead of one round trip per
+    /// event. Handed no more payload bytes than [`MOST_PAYLOAD_BYTES`] (but at
+    /// least one event).
     async fn handle_batch(
         &self,
         events: &[&Event],
+        within: Duration,
         transaction: &mut PgConnection,
-    ) -> Option<Result<(), HandlerError>> {
+    ) -> Option<Result<usize, HandlerError>> {
+        if !self.runs_prepared.load(Ordering::Relaxed) {
+            return None;
+        }
         let [payload, event_type, _, source, key, attempt] = self.used;
+        let events = match payload {
+            false => events,
+            true => &events[..handed_within(events, MOST_PAYLOAD_BYTES)],
+        };
         // Valid UTF-8 wherever it parsed as JSON.
         let payloads: Option<Vec<Option<&str>>> = payload.then(|| {
             events
@@ -139,6 +158,7 @@ impl Handler for SqlHandler {
         });
         let types: Option<Vec<Option<&str>>> =
             event_type.then(|| events.iter().map(|e| e.event_type.as_deref()).collect());
+        // Every event's id goes, used or not: its length is the call's.
         let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
         let sources: Option<Vec<&str>> =
             source.then(|| events.iter().map(|e| e.source.as_str()).collect());
@@ -146,10 +166,10 @@ impl Handler for SqlHandler {
             key.then(|| events.iter().map(|e| e.event_key.as_str()).collect());
         let attempts: Option<Vec<i32>> =
             attempt.then(|| events.iter().map(|e| e.attempt).collect());
-        // Every event's id goes, used or not: its length is the batch's.
         let result = sqlx::query_scalar!(
-            r#"SELECT inbox_run_statement($1, $2, $3, $4, $5, $6, $7) AS "ran!""#,
+            r#"SELECT inbox_run_statement($1, $2, $3, $4, $5, $6, $7, $8) AS "ran!""#,
             &self.statement,
+            within.as_secs_f64(),
             payloads as Option<Vec<Option<&str>>>,
             types as Option<Vec<Option<&str>>>,
             &ids,
@@ -159,8 +179,31 @@ impl Handler for SqlHandler {
         )
         .fetch_one(transaction)
         .await;
-        Some(result.map(|_| ()).map_err(classify))
+        Some(
+            result
+                .map(|ran| usize::try_from(ran).unwrap_or(0))
+                .map_err(classify),
+        )
     }
+}
+
+/// The most payload bytes one call is sent: far below PostgreSQL's limit on
+/// a message (1 GB), which a batch of large payloads could reach.
+const MOST_PAYLOAD_BYTES: usize = 16 << 20;
+
+/// How many of `events`, from the first, fit in `budget` payload bytes (at
+/// least one).
+fn handed_within(events: &[&Event], budget: usize) -> usize {
+    let mut total = 0;
+    events
+        .iter()
+        .take_while(|event| {
+            total += event.payload.len();
+            total <= budget
+        })
+        .count()
+        .max(1)
+        .min(events.len())
 }
 
 /// Data and integrity errors fail the same way every time; everything else
@@ -200,5 +243,22 @@ mod tests {
             (6, [false, true, false, false, false, true])
         );
         assert_eq!(bound("SELECT $$a$$, $7"), (0, [false; 6]));
+    }
+
+    #[test]
+    fn a_call_is_handed_payloads_up_to_its_byte_budget_and_always_one_event() {
+        let event = |size: usize| Event {
+            id: uuid::Uuid::nil(),
+            source: "s".into(),
+            event_key: "k".into(),
+            event_type: None,
+            attempt: 1,
+            payload: vec![b'1'; size],
+            payload_json: None,
+        };
+        let (small, large) = (event(10), event(100));
+        assert_eq!(handed_within(&[&small, &small, &small], 25), 2);
+        assert_eq!(handed_within(&[&large, &small], 25), 1);
+        assert_eq!(handed_within(&[&small, &small], 1000), 2);
     }
 }
