@@ -159,9 +159,10 @@ impl Worker {
                     _ => None,
                 };
                 let ran = match called {
-                    Some(Ok(ran)) => ran.clamp(1, handed.len()),
+                    Some(Ok(ran)) if ran > 0 => ran.min(handed.len()),
                     Some(Err(_)) => return Ok(None),
-                    None => match handler.handle(handed[0], transaction).await {
+                    // No call for several (or one that ran none): the first alone.
+                    Some(Ok(_)) | None => match handler.handle(handed[0], transaction).await {
                         Ok(()) => 1,
                         Err(_) => return Ok(None),
                     },
