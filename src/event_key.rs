@@ -158,11 +158,17 @@ fn sender_time(value: &serde_json::Value) -> Option<chrono::DateTime<chrono::Utc
 /// about 131,000 before it. serde_json reads `1e-20000` as 0.0, but
 /// PostgreSQL refuses it ("value overflows numeric format"), and a stored
 /// payload that `jsonb` cannot hold would fail every query of its
-/// `payload_json`. Conservative: a number near the limits counts as not
-/// fitting, and its payload keeps its bytes only.
+/// `payload_json`. Also whether the numbers, printed in full as `jsonb`
+/// prints them, stay within 16 times the payload's length (and 64 KiB):
+/// `0e-16383` fits, but prints as 16,385 characters, and 66,000 of them in a
+/// 600 KB payload would take a query reading `payload_json` past 1 GB.
+/// Conservative: a number near the limits counts as not fitting, and its
+/// payload keeps its bytes only.
 fn numbers_fit_numeric(json: &str) -> bool {
     const MOST_SCALE: i64 = 16_383;
     const MOST_WHOLE_DIGITS: i64 = 131_000;
+    let most_printed = 16 * json.len() as i64 + 65_536;
+    let mut printed = 0;
     let bytes = json.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
@@ -197,6 +203,11 @@ fn numbers_fit_numeric(json: &str) -> bool {
                     || fraction_digits - exponent > MOST_SCALE
                     || whole_digits + exponent > MOST_WHOLE_DIGITS
                 {
+                    return false;
+                }
+                printed +=
+                    (whole_digits + exponent).max(1) + (fraction_digits - exponent).max(0) + 2;
+                if printed > most_printed {
                     return false;
                 }
             }
@@ -436,6 +447,9 @@ mod tests {
         assert!(!numbers_fit_numeric(r#"{"a":1e-20000}"#));
         assert!(!numbers_fit_numeric(r#"[0e99999999999]"#));
         assert!(!numbers_fit_numeric(r#"{"a":[1,2,1e999999]}"#));
+        let tiny_but_long = format!("[{}0e-16383]", "0e-16383,".repeat(66_000));
+        assert!(!numbers_fit_numeric(&tiny_but_long));
+        assert!(numbers_fit_numeric("[0e-16383]"));
     }
 
     #[test]

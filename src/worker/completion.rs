@@ -150,12 +150,15 @@ impl Worker {
                     .map(|&position| &batch[position].claimed.event)
                     .collect();
                 let started = std::time::Instant::now();
+                // Never past the point where events stop starting.
+                let budget = chunks::CALL_BUDGET.min(
+                    batch[first]
+                        .claimed
+                        .start_by
+                        .saturating_duration_since(started),
+                );
                 let called = match handed.as_slice() {
-                    [_, _, ..] => {
-                        handler
-                            .handle_batch(&handed, chunks::CALL_BUDGET, transaction)
-                            .await
-                    }
+                    [_, _, ..] => handler.handle_batch(&handed, budget, transaction).await,
                     _ => None,
                 };
                 let ran = match called {
