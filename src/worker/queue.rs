@@ -142,6 +142,25 @@ pub async fn claim(
         .collect())
 }
 
+/// What identifies each claim's lease, as arrays for a statement.
+struct ClaimKeys {
+    ids: Vec<Uuid>,
+    attempts: Vec<i32>,
+    attempt_ids: Vec<i64>,
+    attempt_starts: Vec<DateTime<Utc>>,
+}
+
+impl ClaimKeys {
+    fn of(claims: &[&Claimed]) -> Self {
+        Self {
+            ids: claims.iter().map(|c| c.event.id).collect(),
+            attempts: claims.iter().map(|c| c.event.attempt).collect(),
+            attempt_ids: claims.iter().map(|c| c.attempt.id).collect(),
+            attempt_starts: claims.iter().map(|c| c.attempt.started_at).collect(),
+        }
+    }
+}
+
 /// Locks, for their completion transaction, the events whose lease is still
 /// this worker's in the claim given (the event's attempt count and its open
 /// attempt row); the others have been taken over by another worker, a rescue
@@ -156,15 +175,60 @@ pub async fn claim(
 /// claim's row. The stale `finish` then records nothing, and the new claim
 /// finds its lease lost: the event runs again once that lease expires.
 /// Nothing is recorded twice.
+///
+/// A row can also be locked for a moment by a claim that skipped it: a claim
+/// (`FOR UPDATE SKIP LOCKED`) locks a candidate before it rechecks it, and
+/// keeps the lock of one that another worker claimed meanwhile until its own
+/// statement commits. Such a row still shows as this worker's; it is tried
+/// again after a short wait, a few times, instead of being taken for a lease
+/// lost (which cost the attempt: the outcome was not recorded and the lease
+/// ran out).
 pub async fn lock_held(
     conn: &mut PgConnection,
     worker_id: &str,
     claims: &[&Claimed],
 ) -> Result<HashSet<Uuid>, sqlx::Error> {
-    let ids: Vec<Uuid> = claims.iter().map(|c| c.event.id).collect();
-    let attempts: Vec<i32> = claims.iter().map(|c| c.event.attempt).collect();
-    let attempt_ids: Vec<i64> = claims.iter().map(|c| c.attempt.id).collect();
-    let attempt_starts: Vec<DateTime<Utc>> = claims.iter().map(|c| c.attempt.started_at).collect();
+    /// How often, and how long apart, a row that is still this worker's but
+    /// locked by someone else is tried again: longer than a claim takes.
+    const TRIES: usize = 8;
+    const APART: Duration = Duration::from_millis(25);
+    let mut held = lock_still_held(conn, worker_id, claims).await?;
+    for _ in 0..TRIES {
+        let missing: Vec<&Claimed> = claims
+            .iter()
+            .copied()
+            .filter(|claim| !held.contains(&claim.event.id))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        let looks_held = still_held(conn, worker_id, &missing).await?;
+        let locked_elsewhere: Vec<&Claimed> = missing
+            .into_iter()
+            .filter(|claim| looks_held.contains(&claim.event.id))
+            .collect();
+        if locked_elsewhere.is_empty() {
+            break;
+        }
+        tokio::time::sleep(APART).await;
+        held.extend(lock_still_held(conn, worker_id, &locked_elsewhere).await?);
+    }
+    Ok(held)
+}
+
+/// The claims whose lease is still this worker's, locked (those locked by
+/// someone else are skipped).
+async fn lock_still_held(
+    conn: &mut PgConnection,
+    worker_id: &str,
+    claims: &[&Claimed],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let ClaimKeys {
+        ids,
+        attempts,
+        attempt_ids,
+        attempt_starts,
+    } = ClaimKeys::of(claims);
     // The lease conditions sit inside CASE so that the plan stays on the
     // primary key: written plainly they match the lease index's predicate,
     // and the planner may walk that index (every recently claimed event).
@@ -187,6 +251,45 @@ pub async fn lock_held(
                    THEN true ELSE false END
         ORDER BY e.id
         FOR NO KEY UPDATE OF e SKIP LOCKED
+        "#,
+        &ids,
+        worker_id,
+        &attempts,
+        &attempt_ids,
+        &attempt_starts,
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(held.into_iter().collect())
+}
+
+/// The claims whose lease is still this worker's, as committed now, without
+/// locking anything: the same conditions as [`lock_still_held`].
+async fn still_held(
+    conn: &mut PgConnection,
+    worker_id: &str,
+    claims: &[&Claimed],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let ClaimKeys {
+        ids,
+        attempts,
+        attempt_ids,
+        attempt_starts,
+    } = ClaimKeys::of(claims);
+    let held = sqlx::query_scalar!(
+        r#"
+        SELECT e.id
+        FROM inbox_event_state e
+        JOIN unnest($1::uuid[], $3::int4[], $4::int8[], $5::timestamptz[])
+             AS c(event_id, attempt, attempt_id, attempt_started_at)
+          ON c.event_id = e.id
+        WHERE CASE WHEN e.status = 'processing' AND e.locked_by = $2 AND e.locked_until > now()
+                        AND e.attempts = c.attempt
+                        AND EXISTS (SELECT 1 FROM inbox_attempts a
+                                    WHERE a.id = c.attempt_id AND a.started_at = c.attempt_started_at
+                                      AND a.event_id = e.id
+                                      AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END)
+                   THEN true ELSE false END
         "#,
         &ids,
         worker_id,

@@ -1135,6 +1135,48 @@ async fn a_late_completion_after_a_replay_does_not_finish_the_newer_claim() {
     );
 }
 
+/// A claim locks a candidate before it rechecks it, and keeps the lock of
+/// one another worker claimed meanwhile until it commits: for that moment
+/// the owner finds its own event's row locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_careful_path_records_an_event_whose_row_a_claim_held_for_a_moment() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
+         statement = \"INSERT INTO side_effects (event_id, attempt, kind) SELECT $3, $6, $2 FROM pg_sleep(0.3)\"\n"
+    ))
+    .await;
+    sqlx::query("ALTER TABLE side_effects ADD COLUMN kind text CHECK (kind <> 'bad.type')")
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+    let good = store_event(&setup.db, "good.one").await;
+    let failing = store_event(&setup.db, "bad.type").await;
+
+    let mut claim = setup.db.pool.begin().await.unwrap();
+    let processing = setup.worker.process_next();
+    let held_for_a_moment = async {
+        // While the first pass runs its handlers (0.6 s), another worker's
+        // claim locks the row without taking it, and commits a little after
+        // the careful pass has begun.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        sqlx::query("SELECT 1 FROM inbox_event_state WHERE id = $1 FOR UPDATE")
+            .bind(good)
+            .execute(&mut *claim)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(550)).await;
+        claim.commit().await.unwrap();
+    };
+    let (outcomes, ()) = tokio::join!(processing, held_for_a_moment);
+
+    assert!(
+        !outcomes.unwrap().contains(&Processed::LeaseLost),
+        "the lease was never lost"
+    );
+    assert_eq!(status_of(&setup.db, good).await, "succeeded");
+    assert_eq!(status_of(&setup.db, failing).await, "dead");
+}
+
 /// The careful path locks only the events whose lease still holds: an event
 /// another worker has taken over (and holds locked) does not make it wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
