@@ -189,8 +189,11 @@ pub async fn lock_held(
     claims: &[&Claimed],
 ) -> Result<HashSet<Uuid>, sqlx::Error> {
     /// How often, and how long apart, a row that is still this worker's but
-    /// locked by someone else is tried again: longer than a claim takes.
-    const TRIES: usize = 8;
+    /// locked by someone else is tried again: up to a second, far longer
+    /// than a claim takes even on a loaded host (a full test suite beside
+    /// three other processes saw a lease lost, and an http request sent
+    /// twice, with 200 ms).
+    const TRIES: usize = 40;
     const APART: Duration = Duration::from_millis(25);
     let mut held = lock_still_held(conn, worker_id, claims).await?;
     for _ in 0..TRIES {
