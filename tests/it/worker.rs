@@ -1178,7 +1178,10 @@ async fn the_careful_path_records_an_event_whose_row_a_claim_held_for_a_moment()
 }
 
 /// The careful path locks only the events whose lease still holds: an event
-/// another worker has taken over (and holds locked) does not make it wait.
+/// another worker has taken over (and holds locked) does not make it wait for
+/// that worker. (Here the takeover is not committed, so the row still shows
+/// as this worker's, as when a claim holds it for a moment: the careful path
+/// tries it again for at most two seconds, then gives it up.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_careful_path_does_not_wait_on_an_event_whose_lease_was_lost() {
     let setup = setup(&format!(
