@@ -45,7 +45,6 @@ pub fn next_size(handed: usize, ran: usize) -> usize {
 
 /// Each transactional handler's current call size, shared by the worker's
 /// tasks (a stale read only hands one call a step too many or too few).
-#[derive(Default)]
 pub(super) struct ChunkSizes(HashMap<String, AtomicUsize>);
 
 impl ChunkSizes {

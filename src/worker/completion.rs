@@ -122,15 +122,14 @@ impl Worker {
         let mut attempted: Vec<Option<Attempted>> = batch.iter().map(|_| None).collect();
         let mut groups: Vec<(&str, &Arc<dyn Handler>, Vec<usize>)> = Vec::new();
         for (position, routed) in batch.iter().enumerate() {
-            match (routed.handler, self.handler_to_run(routed, now)) {
-                (_, Err(not_run)) => attempted[position] = Some(not_run),
-                (Some(name), Ok(handler)) => {
+            match self.handler_to_run(routed, now) {
+                Err(not_run) => attempted[position] = Some(not_run),
+                Ok((name, handler)) => {
                     match groups.iter_mut().find(|(group, _, _)| *group == name) {
                         Some((_, _, positions)) => positions.push(position),
                         None => groups.push((name, handler, vec![position])),
                     }
                 }
-                (None, Ok(_)) => unreachable!("a handler to run has a name"),
             }
         }
         for (name, handler, positions) in groups {
@@ -189,22 +188,25 @@ impl Worker {
         ))
     }
 
-    /// The transactional handler `routed` goes to, if it is to run now;
-    /// otherwise what its attempt comes to without running.
+    /// The transactional handler `routed` goes to, by name, if it is to run
+    /// now; otherwise what its attempt comes to without running.
     fn handler_to_run<'h>(
         &'h self,
-        routed: &Routed<'_>,
+        routed: &Routed<'h>,
         now: std::time::Instant,
-    ) -> std::result::Result<&'h Arc<dyn Handler>, Attempted> {
-        match self.runner(routed) {
-            Some(_) if !self.may_start(&routed.claimed, now) => Err(Attempted::NotStarted),
-            None => Err(Attempted::NoRoute),
-            Some(_) if routed.claimed.stale => Err(Attempted::Stale),
-            Some(_) if routed.claimed.payload_missing => Err(Attempted::PayloadPruned),
-            Some(Runner::External(_)) => {
-                unreachable!("external handlers complete on their own")
-            }
-            Some(Runner::InTransaction(handler)) => Ok(handler),
+    ) -> std::result::Result<(&'h str, &'h Arc<dyn Handler>), Attempted> {
+        let Some((name, runner)) = routed
+            .handler
+            .and_then(|name| self.handlers.get(name).map(|runner| (name, runner)))
+        else {
+            return Err(Attempted::NoRoute);
+        };
+        match runner {
+            _ if !self.may_start(&routed.claimed, now) => Err(Attempted::NotStarted),
+            _ if routed.claimed.stale => Err(Attempted::Stale),
+            _ if routed.claimed.payload_missing => Err(Attempted::PayloadPruned),
+            Runner::External(_) => unreachable!("external handlers complete on their own"),
+            Runner::InTransaction(handler) => Ok((name, handler)),
         }
     }
 
@@ -218,7 +220,7 @@ impl Worker {
         let started = std::time::Instant::now();
         let attempted = match self.handler_to_run(routed, started) {
             Err(not_run) => not_run,
-            Ok(handler) => {
+            Ok((_, handler)) => {
                 savepoint.enter(transaction).await?;
                 let mut result = handler.handle(&routed.claimed.event, transaction).await;
                 if result.is_ok() {

@@ -1135,11 +1135,10 @@ async fn a_late_completion_after_a_replay_does_not_finish_the_newer_claim() {
     );
 }
 
-/// A claim locks a candidate before it rechecks it, and keeps the lock of
-/// one another worker claimed meanwhile until it commits: for that moment
-/// the owner finds its own event's row locked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_careful_path_records_an_event_whose_row_a_claim_held_for_a_moment() {
+/// A worker whose handler takes 0.3 s per event, and a batch of two: a good
+/// event and one its statement refuses, so the first pass fails after 0.6 s
+/// and the careful path runs.
+async fn a_slow_good_event_and_a_failing_one() -> (Setup, Uuid, Uuid) {
     let setup = setup(&format!(
         "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
          statement = \"INSERT INTO side_effects (event_id, attempt, kind) SELECT $3, $6, $2 FROM pg_sleep(0.3)\"\n"
@@ -1151,6 +1150,15 @@ async fn the_careful_path_records_an_event_whose_row_a_claim_held_for_a_moment()
         .unwrap();
     let good = store_event(&setup.db, "good.one").await;
     let failing = store_event(&setup.db, "bad.type").await;
+    (setup, good, failing)
+}
+
+/// A claim locks a candidate before it rechecks it, and keeps the lock of
+/// one another worker claimed meanwhile until it commits: for that moment
+/// the owner finds its own event's row locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_careful_path_records_an_event_whose_row_a_claim_held_for_a_moment() {
+    let (setup, good, failing) = a_slow_good_event_and_a_failing_one().await;
 
     let mut claim = setup.db.pool.begin().await.unwrap();
     let processing = setup.worker.process_next();
@@ -1184,17 +1192,7 @@ async fn the_careful_path_records_an_event_whose_row_a_claim_held_for_a_moment()
 /// tries it again for at most two seconds, then gives it up.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_careful_path_does_not_wait_on_an_event_whose_lease_was_lost() {
-    let setup = setup(&format!(
-        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\n\
-         statement = \"INSERT INTO side_effects (event_id, attempt, kind) SELECT $3, $6, $2 FROM pg_sleep(0.3)\"\n"
-    ))
-    .await;
-    sqlx::query("ALTER TABLE side_effects ADD COLUMN kind text CHECK (kind <> 'bad.type')")
-        .execute(&setup.db.pool)
-        .await
-        .unwrap();
-    let taken = store_event(&setup.db, "good.one").await;
-    let failing = store_event(&setup.db, "bad.type").await;
+    let (setup, taken, failing) = a_slow_good_event_and_a_failing_one().await;
 
     let mut other = setup.db.pool.begin().await.unwrap();
     let processing = setup.worker.process_next();
