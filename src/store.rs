@@ -98,16 +98,6 @@ impl StoreError {
         }
     }
 
-    /// The server answered with this error, so the statement (outside a
-    /// transaction: its implicit one) was not committed. Otherwise the
-    /// connection failed, and whether it was is unknown.
-    pub fn server_answered(&self) -> bool {
-        match self {
-            Self::Database(error) => matches!(error, sqlx::Error::Database(_)),
-            Self::PrunedMeanwhile | Self::Vanished => true,
-        }
-    }
-
     /// The SQLSTATE, for logs: unlike the message, it never quotes the data.
     pub fn sqlstate(&self) -> Option<String> {
         match self {
@@ -179,8 +169,7 @@ pub async fn ingest_batch_in_transaction(
             break;
         }
         let batch: Vec<&NewDelivery> = open.iter().map(|&i| &deliveries[i]).collect();
-        let ids = new_event_ids(batch.len());
-        let resolved = ingest_statement(conn, &batch, &ids, origin).await?;
+        let resolved = ingest_statement(conn, &batch, origin).await?;
         transaction = transaction.or(resolved.transaction);
         for (position, outcome) in resolved.outcomes {
             outcomes[open[position]] = Some(outcome);
@@ -199,136 +188,6 @@ pub async fn ingest_batch_in_transaction(
     })
 }
 
-/// The ids a batch's new events get, one per delivery (a key repeated in the
-/// batch keeps its first delivery's). Drawn before the statement is sent, so
-/// that they can tell afterwards whether it committed
-/// ([`outcomes_if_committed`]).
-pub fn new_event_ids(deliveries: usize) -> Vec<Uuid> {
-    (0..deliveries).map(|_| Uuid::now_v7()).collect()
-}
-
-/// [`ingest_batch`] as one statement outside any transaction: PostgreSQL
-/// commits it before it answers, so the batch takes one round trip instead of
-/// three (BEGIN, the statement, COMMIT). `ids` come from [`new_event_ids`].
-///
-/// A delivery is `None` when a concurrent first delivery of its key committed
-/// after the statement began (see [`ingest_batch_in_transaction`]): it was not
-/// recorded, and the caller stores it again. The others are committed.
-///
-/// An error the server sent means nothing was committed. Any other error
-/// (the connection broke) leaves the outcome unknown: ask
-/// [`outcomes_if_committed`].
-pub async fn ingest_batch_autocommitted(
-    conn: &mut PgConnection,
-    deliveries: &[NewDelivery],
-    ids: &[Uuid],
-    origin: Origin,
-) -> Result<Vec<Option<(IngestOutcome, Uuid)>>, StoreError> {
-    let batch: Vec<&NewDelivery> = deliveries.iter().collect();
-    let resolved = ingest_statement(conn, &batch, ids, origin).await?;
-    let mut outcomes = vec![None; deliveries.len()];
-    for (position, outcome) in resolved.outcomes {
-        outcomes[position] = Some(outcome);
-    }
-    Ok(outcomes)
-}
-
-/// The server process behind a connection, told apart from a later one that
-/// is given the same pid.
-#[derive(Clone, Debug)]
-pub struct Backend {
-    pid: i32,
-    started_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// Which server process `conn` talks to (one round trip).
-pub async fn backend_of(conn: &mut PgConnection) -> Result<Backend, StoreError> {
-    let row = sqlx::query!(
-        r#"SELECT pid AS "pid!", backend_start AS "started_at!"
-           FROM pg_stat_activity WHERE pid = pg_backend_pid()"#
-    )
-    .fetch_one(conn)
-    .await?;
-    Ok(Backend {
-        pid: row.pid,
-        started_at: row.started_at,
-    })
-}
-
-/// Whether a statement of [`ingest_batch_autocommitted`] whose answer was lost
-/// committed, and if so what it answered: `Some` with each delivery's outcome
-/// (as the statement would have returned them), or `None` when it did not
-/// commit, or stored no new event and so left nothing to tell by.
-///
-/// The server process that ran it is ended first (and waited for), so that
-/// nothing still under way or still in transit can commit after the answer
-/// was read. Then the batch's keys are read: the statement was one
-/// transaction, so any event with one of `ids` means all of it committed.
-/// A question that gets no answer is asked again for half a second, as in
-/// [`transaction_outcome`]; the caller bounds the whole with its deadline.
-pub async fn outcomes_if_committed(
-    pool: &PgPool,
-    backend: &Backend,
-    deliveries: &[NewDelivery],
-    ids: &[Uuid],
-) -> Result<Option<Vec<Option<(IngestOutcome, Uuid)>>>, StoreError> {
-    let patience_ends = tokio::time::Instant::now() + NO_ANSWER_PATIENCE;
-    loop {
-        let ended = sqlx::query_scalar!(
-            r#"SELECT pg_terminate_backend(pid, 1000) AS "ended!"
-               FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"#,
-            backend.pid,
-            backend.started_at
-        )
-        .fetch_optional(pool)
-        .await;
-        match ended {
-            // Gone already, or gone now.
-            Ok(None) | Ok(Some(true)) => break,
-            // Still exiting: ask again.
-            Ok(Some(false)) => {}
-            Err(error)
-                if crate::db::did_not_answer(&error)
-                    && tokio::time::Instant::now() < patience_ends => {}
-            Err(error) => return Err(error.into()),
-        }
-        tokio::time::sleep(OUTCOME_RETRY_PAUSE).await;
-    }
-    let sources: Vec<&str> = deliveries.iter().map(|d| d.source.as_str()).collect();
-    let keys: Vec<&str> = deliveries.iter().map(|d| d.event_key.as_str()).collect();
-    let stored = sqlx::query!(
-        r#"SELECT e.id, e.source, e.event_key, e.payload_sha256
-           FROM inbox_event_state e
-           JOIN unnest($1::text[], $2::text[]) AS k(source, event_key)
-             ON e.source = k.source AND e.event_key = k.event_key"#,
-        &sources as &[&str],
-        &keys as &[&str],
-    )
-    .fetch_all(pool)
-    .await?;
-    if !stored.iter().any(|row| ids.contains(&row.id)) {
-        return Ok(None);
-    }
-    let outcomes = deliveries
-        .iter()
-        .zip(ids)
-        .map(|(delivery, id)| {
-            let event = stored
-                .iter()
-                .find(|row| row.source == delivery.source && row.event_key == delivery.event_key)?;
-            let outcome = if event.id == *id {
-                IngestOutcome::Accepted
-            } else if event.payload_sha256 == delivery.payload_sha256 {
-                IngestOutcome::Duplicate
-            } else {
-                IngestOutcome::Conflict
-            };
-            Some((outcome, event.id))
-        })
-        .collect();
-    Ok(Some(outcomes))
-}
-
 /// The deliveries one statement resolved, by position in its batch, and the
 /// transaction it ran in (`None` when it resolved none).
 struct Resolved {
@@ -341,9 +200,9 @@ struct Resolved {
 async fn ingest_statement(
     conn: &mut PgConnection,
     batch: &[&NewDelivery],
-    ids: &[Uuid],
     origin: Origin,
 ) -> Result<Resolved, StoreError> {
+    let ids: Vec<Uuid> = batch.iter().map(|_| Uuid::now_v7()).collect();
     let text = |f: for<'d> fn(&'d NewDelivery) -> Option<&'d str>| -> Vec<Option<&str>> {
         batch.iter().map(|d| f(d)).collect()
     };
@@ -427,7 +286,7 @@ async fn ingest_statement(
                pg_backend_pid() AS "backend_pid!", pg_current_xact_id()::text AS "xid!"
         FROM resolved
         "#,
-        ids,
+        &ids,
         &sources as &[Option<&str>],
         &environments as &[Option<&str>],
         &keys as &[Option<&str>],

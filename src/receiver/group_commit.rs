@@ -6,10 +6,9 @@
 //! memory). A collector takes what is queued as soon as a committer is free,
 //! up to `max_batch` deliveries, waiting at most `max_wait` for more; while
 //! every committer is busy, requests gather into the next batch by themselves.
-//! A batch is one statement sent outside any transaction, so one round trip:
-//! PostgreSQL commits it before it answers. Each committer keeps its
-//! connection from one batch to the next while deliveries keep coming; after
-//! a second without any, it hands it back to the pool.
+//! A batch is three round trips (BEGIN, the statement, COMMIT), and each
+//! committer keeps its connection from one batch to the next while deliveries
+//! keep coming; after a second without any, it hands it back to the pool.
 //!
 //! A 503 means "nothing stored", so a request gives up at its deadline only
 //! while it is still queued. Once taken into a batch it waits for the batch's
@@ -59,9 +58,7 @@ pub enum CommitError {
     Stopped,
 }
 
-/// What one delivery is answered.
-type Answer = Result<(IngestOutcome, Uuid), CommitError>;
-type Reply = oneshot::Sender<Answer>;
+type Reply = oneshot::Sender<Result<(IngestOutcome, Uuid), CommitError>>;
 
 struct Waiting {
     delivery: NewDelivery,
@@ -139,33 +136,20 @@ impl GroupCommit {
 /// handed back with a round trip of its own.
 #[derive(Default)]
 struct Committer {
-    connection: Option<Kept>,
-}
-
-/// A connection kept between batches, and the server process behind it once
-/// known (what answers a batch whose reply was lost).
-struct Kept {
-    connection: PoolConnection<Postgres>,
-    backend: Option<store::Backend>,
-    used_at: std::time::Instant,
+    connection: Option<(PoolConnection<Postgres>, std::time::Instant)>,
 }
 
 impl Committer {
     /// The kept connection, unless it sat idle long enough that the pool
     /// should test it first (a database restart may have broken it).
-    fn take_connection(&mut self) -> Option<(PoolConnection<Postgres>, Option<store::Backend>)> {
-        let kept = self.connection.take()?;
-        (kept.used_at.elapsed() < crate::db::TEST_CONNECTIONS_IDLE_FOR)
-            .then_some((kept.connection, kept.backend))
+    fn take_connection(&mut self) -> Option<PoolConnection<Postgres>> {
+        let (connection, used_at) = self.connection.take()?;
+        (used_at.elapsed() < crate::db::TEST_CONNECTIONS_IDLE_FOR).then_some(connection)
     }
 
     /// Keeps a connection whose batch ended as the server said it would.
-    fn keep(&mut self, connection: PoolConnection<Postgres>, backend: Option<store::Backend>) {
-        self.connection = Some(Kept {
-            connection,
-            backend,
-            used_at: std::time::Instant::now(),
-        });
+    fn keep(&mut self, connection: PoolConnection<Postgres>) {
+        self.connection = Some((connection, std::time::Instant::now()));
     }
 
     /// Hands the connection back to the pool: an idle receiver holds none,
@@ -284,9 +268,9 @@ async fn commit(
         .map(|waiting| (waiting.delivery, waiting.reply))
         .unzip();
     match store_all(pool, committer, &deliveries, limits).await {
-        Ok(answers) => {
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                let _ = reply.send(answer);
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
             }
         }
         // The database refused some row of the batch: store each delivery on
@@ -301,10 +285,10 @@ async fn commit(
                 "a batch was refused; storing its deliveries one by one"
             );
             for (delivery, reply) in deliveries.iter().zip(replies) {
-                let answer = store_all(pool, committer, std::slice::from_ref(delivery), limits)
+                let result = store_all(pool, committer, std::slice::from_ref(delivery), limits)
                     .await
-                    .and_then(|mut answers| answers.remove(0));
-                let _ = reply.send(answer);
+                    .map(|mut outcomes| outcomes.remove(0));
+                let _ = reply.send(result);
             }
         }
         Err(error) => {
@@ -330,15 +314,14 @@ const SHORTEST_BUDGET: Duration = Duration::from_millis(5);
 /// is tried again before its requests are answered 503.
 const RACE_RETRIES: usize = 3;
 
-/// Stores the batch, trying again when it lost a race with another
-/// transaction. An `Err` answers every delivery of the batch; otherwise each
-/// has its own answer.
+/// Stores the batch in one transaction, trying again when it lost a race with
+/// another transaction.
 async fn store_all(
     pool: &PgPool,
     committer: &mut Committer,
     deliveries: &[NewDelivery],
     limits: Limits,
-) -> Result<Vec<Answer>, CommitError> {
+) -> Result<Vec<(IngestOutcome, Uuid)>, CommitError> {
     let mut tries = 0;
     loop {
         match store_once(pool, committer, deliveries, limits).await {
@@ -364,101 +347,15 @@ async fn store_once(
     committer: &mut Committer,
     deliveries: &[NewDelivery],
     limits: Limits,
-) -> Result<Vec<Answer>, CommitError> {
+) -> Result<Vec<(IngestOutcome, Uuid)>, CommitError> {
     let failed = |error: StoreError| CommitError::BatchFailed(Arc::new(error));
-    let (mut connection, backend) = take_connection(pool, committer, limits).await?;
-    let budget = limits.deadline.saturating_duration_since(Instant::now());
-    if budget < SHORTEST_BUDGET {
-        return Err(CommitError::DeadlinePassed);
-    }
-    if budget < limits.statement_timeout {
-        // Rare (the queue was slow): a tighter limit for this batch's
-        // statements only takes a transaction to hold it.
-        return store_in_transaction(pool, committer, connection, backend, deliveries, limits)
-            .await
-            .map(|outcomes| outcomes.into_iter().map(Ok).collect());
-    }
-    let backend = match backend {
-        Some(backend) => backend,
-        None => store::backend_of(&mut connection).await.map_err(failed)?,
-    };
-    let ids = store::new_event_ids(deliveries.len());
-    let outcomes =
-        match store::ingest_batch_autocommitted(&mut connection, deliveries, &ids, Origin::Http)
-            .await
-        {
-            Ok(outcomes) => {
-                committer.keep(connection, Some(backend));
-                outcomes
-            }
-            // The server refused the statement: nothing of it was committed.
-            Err(error) if error.server_answered() => return Err(failed(error)),
-            // The connection failed: the statement may have committed or not.
-            Err(error) => {
-                drop(connection);
-                match autocommitted(pool, &backend, deliveries, &ids, limits.deadline).await {
-                    Some(outcomes) => outcomes,
-                    None => return Err(failed(error)),
-                }
-            }
-        };
-    // Deliveries whose key a concurrent first delivery stored after the
-    // statement began were not recorded: they go again, in a transaction
-    // that looks twice (rare).
-    let open: Vec<usize> = (0..deliveries.len())
-        .filter(|&i| outcomes[i].is_none())
-        .collect();
-    let mut answers: Vec<Answer> = outcomes
-        .into_iter()
-        .map(|outcome| outcome.ok_or(CommitError::Stopped))
-        .collect();
-    if open.is_empty() {
-        return Ok(answers);
-    }
-    let rest: Vec<NewDelivery> = open.iter().map(|&i| deliveries[i].clone()).collect();
-    let stored = match take_connection(pool, committer, limits).await {
-        Ok((connection, backend)) => {
-            store_in_transaction(pool, committer, connection, backend, &rest, limits).await
-        }
-        Err(error) => Err(error),
-    };
-    for (n, &i) in open.iter().enumerate() {
-        answers[i] = match &stored {
-            Ok(outcomes) => Ok(outcomes[n]),
-            Err(error) => Err(error.clone()),
-        };
-    }
-    Ok(answers)
-}
-
-/// The committer's kept connection, or one from the pool before the deadline.
-async fn take_connection(
-    pool: &PgPool,
-    committer: &mut Committer,
-    limits: Limits,
-) -> Result<(PoolConnection<Postgres>, Option<store::Backend>), CommitError> {
-    match committer.take_connection() {
-        Some(kept) => Ok(kept),
+    let mut connection = match committer.take_connection() {
+        Some(connection) => connection,
         None => tokio::time::timeout_at(limits.deadline, pool.acquire())
             .await
             .map_err(|_| CommitError::DeadlinePassed)?
-            .map(|connection| (connection, None))
-            .map_err(|error| CommitError::BatchFailed(Arc::new(error.into()))),
-    }
-}
-
-/// Stores the batch in one transaction (three round trips): the statement's
-/// time limit can then be tightened for it alone, and a statement that found
-/// a key committed meanwhile can look again before anything commits.
-async fn store_in_transaction(
-    pool: &PgPool,
-    committer: &mut Committer,
-    mut connection: PoolConnection<Postgres>,
-    backend: Option<store::Backend>,
-    deliveries: &[NewDelivery],
-    limits: Limits,
-) -> Result<Vec<(IngestOutcome, Uuid)>, CommitError> {
-    let failed = |error: StoreError| CommitError::BatchFailed(Arc::new(error));
+            .map_err(|error| failed(error.into()))?,
+    };
     let budget = limits.deadline.saturating_duration_since(Instant::now());
     if budget < SHORTEST_BUDGET {
         return Err(CommitError::DeadlinePassed);
@@ -468,6 +365,8 @@ async fn store_in_transaction(
     let mut transaction = connection.begin().await.map_err(|e| failed(e.into()))?;
     let stored = async {
         if budget < limits.statement_timeout {
+            // Rare (the queue was slow): the tighter limit applies to this
+            // batch's statements only.
             store::set_local_statement_timeout(&mut transaction, budget).await?;
         }
         store::ingest_batch_in_transaction(&mut transaction, deliveries, Origin::Http).await
@@ -476,7 +375,7 @@ async fn store_in_transaction(
     .map_err(failed)?;
     match transaction.commit().await {
         Ok(()) => {
-            committer.keep(connection, backend);
+            committer.keep(connection);
             Ok(stored.outcomes)
         }
         // The server answered the COMMIT: the transaction is rolled back.
@@ -494,32 +393,6 @@ async fn store_in_transaction(
             }
         }
     }
-}
-
-/// What a batch sent outside a transaction, whose reply was lost, was
-/// answered, asked of the database (see [`store::outcomes_if_committed`]).
-/// `None` when it did not commit, or that cannot be known in time: the caller
-/// then answers 503, and a sender that retries is answered `duplicate` if it
-/// was stored after all.
-async fn autocommitted(
-    pool: &PgPool,
-    backend: &store::Backend,
-    deliveries: &[NewDelivery],
-    ids: &[Uuid],
-    deadline: Instant,
-) -> Option<Vec<Option<(IngestOutcome, Uuid)>>> {
-    let outcomes = tokio::time::timeout_at(
-        deadline,
-        store::outcomes_if_committed(pool, backend, deliveries, ids),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    tracing::warn!(
-        committed = outcomes.is_some(),
-        "the database did not answer a batch; its outcome was looked up"
-    );
-    outcomes
 }
 
 /// Whether a batch whose COMMIT got no answer was committed, asked of the

@@ -871,62 +871,6 @@ async fn pruning_reads_each_row_about_once_not_once_per_batch() {
     assert!(read < 4 * ROWS, "pruning {ROWS} rows read {read} rows");
 }
 
-/// A batch is one statement that PostgreSQL commits before it answers. Here
-/// its answer is lost on the way, and then the connection breaks: the
-/// receiver must find out that the batch committed and answer 200, never 503
-/// for an event it stored.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_whose_answer_is_lost_after_it_committed_is_answered_200() {
-    let db = database().await;
-    let options: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
-    let mut forwarder =
-        Forwarder::start(&format!("{}:{}", options.get_host(), options.get_port())).await;
-    let through_forwarder = TestDb {
-        url: format!(
-            "postgres://{}@127.0.0.1:{}/{}",
-            options.get_username(),
-            forwarder.port,
-            options.get_database().unwrap()
-        ),
-        pool: db.pool.clone(),
-    };
-    let app = TestApp::spawn_on(
-        through_forwarder,
-        &keyed_by_uid(ONE_BATCH).replace("request_timeout = \"2s\"", "request_timeout = \"10s\""),
-        &[("BEGINI_API_KEY", BEGINI_KEY)],
-    )
-    .await;
-    // The committer's connection is open and known.
-    assert_eq!(
-        app.post_signed("begini", &with_uid(&unique_uid()))
-            .await
-            .status,
-        200
-    );
-    let body = with_uid(&unique_uid());
-
-    forwarder.lose_replies();
-    let send = app.post_signed("begini", &body);
-    let cut = async {
-        // Long enough for the statement to commit; its answer was dropped.
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        forwarder.cut();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        forwarder.restore().await;
-    };
-    let (answer, ()) = tokio::join!(send, cut);
-
-    let stored: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM inbox_events WHERE payload_sha256 = $1")
-            .bind(hookbox::event_key::sha256_hex(&body))
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(stored, 1, "the batch committed before its answer was lost");
-    assert_eq!(answer.status, 200, "a 503 was answered for an event stored");
-    assert_eq!(answer.body["status"], "accepted");
-}
-
 /// The connection to PostgreSQL breaks while a batch's COMMIT is still being
 /// made (here: a deferred trigger takes two seconds). The receiver must not
 /// answer 503 for a batch that commits after it asked: it finds out how that

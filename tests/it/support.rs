@@ -407,8 +407,6 @@ pub struct Forwarder {
     pub port: u16,
     target: String,
     up: Option<tokio_util::sync::CancellationToken>,
-    /// While set, what the server sends is dropped instead of forwarded.
-    replies_lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Forwarder {
@@ -417,7 +415,6 @@ impl Forwarder {
             port: free_port(),
             target: target.to_owned(),
             up: None,
-            replies_lost: Arc::default(),
         };
         forwarder.restore().await;
         forwarder
@@ -430,24 +427,14 @@ impl Forwarder {
         }
     }
 
-    /// From now on the server's replies are lost on the way, on every
-    /// forwarded connection, until [`Self::restore`].
-    pub fn lose_replies(&self) {
-        self.replies_lost
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
     /// Listens again on the same port.
     pub async fn restore(&mut self) {
         self.cut();
-        self.replies_lost
-            .store(false, std::sync::atomic::Ordering::SeqCst);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
             .await
             .expect("the forwarder's port is free again");
         let up = tokio_util::sync::CancellationToken::new();
         let (target, token) = (self.target.clone(), up.clone());
-        let replies_lost = self.replies_lost.clone();
         tokio::spawn(async move {
             loop {
                 let (mut inbound, _) = tokio::select! {
@@ -458,33 +445,13 @@ impl Forwarder {
                     },
                 };
                 let (target, token) = (target.clone(), token.clone());
-                let replies_lost = replies_lost.clone();
                 tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
                         return;
-                    };
-                    let (mut from_client, mut to_client) = inbound.split();
-                    let (mut from_server, mut to_server) = outbound.into_split();
-                    let replies = async {
-                        let mut buffer = vec![0u8; 64 * 1024];
-                        loop {
-                            match from_server.read(&mut buffer).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(_) if replies_lost.load(std::sync::atomic::Ordering::SeqCst) => {
-                                }
-                                Ok(n) => {
-                                    if to_client.write_all(&buffer[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                        }
                     };
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
-                        _ = replies => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                     }
                 });
             }
