@@ -865,10 +865,11 @@ async fn pruning_reads_each_row_about_once_not_once_per_batch() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     // Each payload is read by its batch's scan, its event by primary key,
-    // and again by the statement that drops it: a few reads a row, never
+    // and again by the statement that drops it: a few reads a row (3 to 4
+    // alone, up to 4.06 with the rest of the suite running beside it), never
     // a read of every earlier row per batch (that would be 50 times ROWS).
     let read = read_after - read_before;
-    assert!(read < 4 * ROWS, "pruning {ROWS} rows read {read} rows");
+    assert!(read < 8 * ROWS, "pruning {ROWS} rows read {read} rows");
 }
 
 /// The connection to PostgreSQL breaks while a batch's COMMIT is still being
