@@ -551,12 +551,20 @@ for n in 1 2 4; do
     kill "${receiver:-}" 2>/dev/null || true; receiver=""
     receivers=(); ports=()
     for i in $(seq 1 "$n"); do
+        # Each receiver its own port and its own admin port: a second one on
+        # the same admin port exits at start, and its share of the load would
+        # then count refused connections as requests.
         p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-        sed "s/127.0.0.1:$rport/127.0.0.1:$p/" "$work/hookbox.toml" > "$work/receiver$i.toml"
+        a=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        sed -e "s/127.0.0.1:$rport/127.0.0.1:$p/" -e "s/127.0.0.1:$aport/127.0.0.1:$a/" \
+            "$work/hookbox.toml" > "$work/receiver$i.toml"
         HOOKBOX_CONFIG="$work/receiver$i.toml" "$bin/hookbox-receiver" 2>/dev/null & receivers+=($!)
         ports+=("$p")
     done
     sleep 1
+    for pid in "${receivers[@]}"; do
+        kill -0 "$pid" 2>/dev/null || { echo "!! a receiver of $n exited at start: phase (m) stops here" >&2; exit 1; }
+    done
     # The same 64 connections in all, split between the receivers.
     loads=()
     for i in $(seq 1 "$n"); do
