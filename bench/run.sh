@@ -6,7 +6,9 @@
 #     and the batched limit: 32 events per transaction, 4 clients
 # (b) receiver ingest, 64 connections: wrk sending events signed before the clock on
 #     60 and hookbox loadtest probing latency on 4, in open loop at PROBE_RATE (200/s);
-#     INGEST_CLIENT=loadtest (or no wrk installed): hookbox loadtest on all 64
+#     INGEST_CLIENT=loadtest (or no wrk installed): hookbox loadtest on all 64.
+#     With (a), the batched limit is measured again after ingest, and the ratio is
+#     printed against the run before and against the mean of both.
 # (c) worker drain of 200,000 stored events through a sql handler inserting a row each
 # (w) the same drain by graphile-worker 0.17.3 in its batched mode (bench/graphile,
 #     needs node and npm; not in the default phases); with (c), the ratio
@@ -186,11 +188,15 @@ INSERT INTO inbox_deliveries (source, remote_addr, outcome, payload_sha256, stat
 SELECT 'begini', '127.0.0.1', 'accepted', md5(random()::text), 200 FROM generate_series(1, 32);
 COMMIT;
 SQL
-if phase a; then
+batched_pgbench() {
     reset
+    local tps
     tps=$(as_pg "$pg_bin/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -c 4 -j 2 -T "$seconds" -f "$work/batched.sql" postgres 2>/dev/null \
         | awk '/^tps/ {print $3; exit}')
-    batched_rate=$(python3 -c "print(f'{$tps * 32:.0f}')")
+    python3 -c "print(f'{$tps * 32:.0f}')"
+}
+if phase a; then
+    batched_rate=$(batched_pgbench)
     echo "pgbench batched, 32 events per transaction, 4 clients: $batched_rate events/s"
 fi
 
@@ -262,6 +268,14 @@ accepted=$(psql -At -c "SELECT count(*) FROM inbox_deliveries WHERE outcome = 'a
 echo "  database time per accepted event, by statement (pg_stat_statements):"
 statement_costs "$accepted"
 profile_report ingest
+# This host's commit speed drifts from one minute to the next, so the
+# reference is measured again right after ingest, and the ratio is also
+# given against the mean of the two runs that bracket it.
+if [ -n "${batched_rate:-}" ] && [ -n "${ingest_rate:-}" ]; then
+    batched_after=$(batched_pgbench)
+    echo "  pgbench batched again, right after ingest: $batched_after events/s"
+    echo "  ingest / batched-SQL limit, bracketed (mean of before and after): $(python3 -c "print(f'{$ingest_rate / (($batched_rate + $batched_after) / 2):.2f}')")"
+fi
 fi
 
 if phase s; then
