@@ -53,7 +53,9 @@ chmod 755 "$work"
 pgdata=$work/pg
 mkdir "$pgdata"
 [ "$(id -u)" = 0 ] && chown postgres: "$pgdata"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# A port free on loopback now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port=$(free_port)
 workers=(); receivers=()
 cleanup() {
     kill "${receiver:-}" "${worker:-}" "${workers[@]}" "${receivers[@]}" 2>/dev/null || true
@@ -71,8 +73,8 @@ export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
 export BEGINI_API_KEY=bench-key-for-the-benchmark RUST_LOG=warn PGOPTIONS="-c client_min_messages=warning"
 psql() { command psql -q -X -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
 
-rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-aport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+rport=$(free_port)
+aport=$(free_port)
 cat > "$work/hookbox.toml" <<TOML
 [database]
 max_connections = 32
@@ -568,8 +570,8 @@ for n in 1 2 4; do
         # Each receiver its own port and its own admin port: a second one on
         # the same admin port exits at start, and its share of the load would
         # then count refused connections as requests.
-        p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-        a=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        p=$(free_port)
+        a=$(free_port)
         sed -e "s/127.0.0.1:$rport/127.0.0.1:$p/" -e "s/127.0.0.1:$aport/127.0.0.1:$a/" \
             "$work/hookbox.toml" > "$work/receiver$i.toml"
         HOOKBOX_CONFIG="$work/receiver$i.toml" "$bin/hookbox-receiver" 2>/dev/null & receivers+=($!)
