@@ -869,7 +869,7 @@ async fn pruning_reads_each_row_about_once_not_once_per_batch() {
     // alone, up to 4.06 with the rest of the suite running beside it), never
     // a read of every earlier row per batch (that would be 50 times ROWS).
     let read = read_after - read_before;
-    assert!(read < 8 * ROWS, "pruning {ROWS} rows read {read} rows");
+    assert!(read < 5 * ROWS, "pruning {ROWS} rows read {read} rows");
 }
 
 /// The connection to PostgreSQL breaks while a batch's COMMIT is still being
