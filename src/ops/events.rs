@@ -21,7 +21,9 @@ pub struct EventSummary {
     pub last_error: Option<String>,
 }
 
-/// Newest first.
+/// Newest first: by id, which is time-ordered and drawn when the event is
+/// received (the console pages the same way), so a page is read off the
+/// primary key or the status index, however many events are stored.
 pub async fn list(
     pool: &PgPool,
     filter: &EventFilter,
@@ -37,7 +39,7 @@ pub async fn list(
           AND ($3::text IS NULL OR event_type LIKE $3)
           AND ($4::timestamptz IS NULL OR received_at >= $4)
           AND ($5::timestamptz IS NULL OR received_at < $5)
-        ORDER BY received_at DESC, id DESC
+        ORDER BY id DESC
         LIMIT $6
         "#,
         filter.source,

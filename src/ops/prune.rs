@@ -384,10 +384,16 @@ impl Target {
                 .bind(before)
                 .fetch_one(pool)
                 .await?,
-                // Reads the partition's index of attempts in flight.
-                Self::Attempts(_) => sqlx::query_scalar::<_, bool>(&format!(
-                    "SELECT EXISTS (SELECT 1 FROM {table} WHERE finished_at IS NULL)"
-                ))
+                // An attempt in flight that started in the partition's range
+                // (on its event's row, schema V17: its own row is written when
+                // it ends). Reads the lease index: the processing events only.
+                Self::Attempts(_) => sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM inbox_event_state
+                                    WHERE status = 'processing'
+                                      AND attempt_started_at < (SELECT to_time FROM inbox_partitions
+                                                                WHERE partition = $1))",
+                )
+                .bind(&name)
                 .fetch_one(pool)
                 .await?,
                 Self::Deliveries(_) | Self::Keys(_) => false,
@@ -568,8 +574,10 @@ impl Pass {
                 // every event of other statuses.) The row lock is the
                 // one a replay takes: a replay that got there first has
                 // changed the status, which the lock's recheck then sees.
-                // Payloads and attempts go with the event (ON DELETE
-                // CASCADE); deliveries still kept lose their event id.
+                // Payloads go with the event (ON DELETE CASCADE), and its
+                // attempts in the same statement (their rows have no foreign
+                // key since schema V17: checking it cost each attempt a
+                // query); deliveries still kept lose their event id.
                 let pruned = sqlx::query_scalar!(
                     r#"
                     WITH batch AS (
@@ -581,10 +589,15 @@ impl Pass {
                         ORDER BY status, id
                         LIMIT $3
                         FOR UPDATE SKIP LOCKED
+                    ), pruned AS (
+                        DELETE FROM inbox_event_state e
+                        WHERE e.id = ANY(ARRAY(SELECT id FROM batch))
+                        RETURNING e.id
+                    ), attempts AS (
+                        DELETE FROM inbox_attempts a
+                        WHERE a.event_id = ANY(ARRAY(SELECT id FROM pruned))
                     )
-                    DELETE FROM inbox_event_state e
-                    WHERE e.id = ANY(ARRAY(SELECT id FROM batch))
-                    RETURNING e.id
+                    SELECT id AS "id!" FROM pruned
                     "#,
                     status as EventStatus,
                     before,

@@ -142,12 +142,13 @@ pub async fn claim(
         .collect())
 }
 
-/// What identifies each claim's lease, as arrays for a statement.
+/// What identifies each claim's lease, as arrays for a statement: the
+/// event, its attempt number and the id of its attempt in flight (drawn from
+/// a sequence by the claim, so no two claims share it).
 struct ClaimKeys {
     ids: Vec<Uuid>,
     attempts: Vec<i32>,
     attempt_ids: Vec<i64>,
-    attempt_starts: Vec<DateTime<Utc>>,
 }
 
 impl ClaimKeys {
@@ -156,7 +157,6 @@ impl ClaimKeys {
             ids: claims.iter().map(|c| c.event.id).collect(),
             attempts: claims.iter().map(|c| c.event.attempt).collect(),
             attempt_ids: claims.iter().map(|c| c.attempt.id).collect(),
-            attempt_starts: claims.iter().map(|c| c.attempt.started_at).collect(),
         }
     }
 }
@@ -167,14 +167,11 @@ impl ClaimKeys {
 /// or a newer claim of this worker's, and are neither locked nor waited for
 /// (SKIP LOCKED: a row locked by someone else is one this claim no longer
 /// holds). The claim is checked before the lock is taken, so a stale
-/// completion does not lock the row of a newer claim of the same event.
-/// One narrow exception, found with interleavings and left as it is: if a
-/// rescue, a replay and a new claim by this same worker all land while this
-/// statement runs, PostgreSQL's recheck of the changed row sees the old
-/// attempt row still open (the statement's snapshot) and locks the new
-/// claim's row. The stale `finish` then records nothing, and the new claim
-/// finds its lease lost: the event runs again once that lease expires.
-/// Nothing is recorded twice.
+/// completion does not lock the row of a newer claim of the same event: the
+/// attempt in flight's id is on the event row (schema V17), so PostgreSQL
+/// checks it again on the row as it is now if another transaction changed
+/// the row meanwhile (a rescue, a replay and a new claim by this same
+/// worker included).
 ///
 /// A row can also be locked for a moment by a claim that skipped it: a claim
 /// (`FOR UPDATE SKIP LOCKED`) locks a candidate before it rechecks it, and
@@ -230,27 +227,18 @@ async fn lock_still_held(
         ids,
         attempts,
         attempt_ids,
-        attempt_starts,
     } = ClaimKeys::of(claims);
     // The lease conditions sit inside CASE so that the plan stays on the
     // primary key: written plainly they match the lease index's predicate,
     // and the planner may walk that index (every recently claimed event).
-    // The open-attempt check likewise: `finished_at IS NULL` written plainly
-    // matches the in-flight attempt index's predicate, and each lookup would
-    // walk every attempt in flight.
     let held = sqlx::query_scalar!(
         r#"
         SELECT e.id
         FROM inbox_event_state e
-        JOIN unnest($1::uuid[], $3::int4[], $4::int8[], $5::timestamptz[])
-             AS c(event_id, attempt, attempt_id, attempt_started_at)
+        JOIN unnest($1::uuid[], $3::int4[], $4::int8[]) AS c(event_id, attempt, attempt_id)
           ON c.event_id = e.id
         WHERE CASE WHEN e.status = 'processing' AND e.locked_by = $2 AND e.locked_until > now()
-                        AND e.attempts = c.attempt
-                        AND EXISTS (SELECT 1 FROM inbox_attempts a
-                                    WHERE a.id = c.attempt_id AND a.started_at = c.attempt_started_at
-                                      AND a.event_id = e.id
-                                      AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END)
+                        AND e.attempts = c.attempt AND e.attempt_id = c.attempt_id
                    THEN true ELSE false END
         ORDER BY e.id
         FOR NO KEY UPDATE OF e SKIP LOCKED
@@ -259,7 +247,6 @@ async fn lock_still_held(
         worker_id,
         &attempts,
         &attempt_ids,
-        &attempt_starts,
     )
     .fetch_all(conn)
     .await?;
@@ -277,28 +264,21 @@ async fn still_held(
         ids,
         attempts,
         attempt_ids,
-        attempt_starts,
     } = ClaimKeys::of(claims);
     let held = sqlx::query_scalar!(
         r#"
         SELECT e.id
         FROM inbox_event_state e
-        JOIN unnest($1::uuid[], $3::int4[], $4::int8[], $5::timestamptz[])
-             AS c(event_id, attempt, attempt_id, attempt_started_at)
+        JOIN unnest($1::uuid[], $3::int4[], $4::int8[]) AS c(event_id, attempt, attempt_id)
           ON c.event_id = e.id
         WHERE CASE WHEN e.status = 'processing' AND e.locked_by = $2 AND e.locked_until > now()
-                        AND e.attempts = c.attempt
-                        AND EXISTS (SELECT 1 FROM inbox_attempts a
-                                    WHERE a.id = c.attempt_id AND a.started_at = c.attempt_started_at
-                                      AND a.event_id = e.id
-                                      AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END)
+                        AND e.attempts = c.attempt AND e.attempt_id = c.attempt_id
                    THEN true ELSE false END
         "#,
         &ids,
         worker_id,
         &attempts,
         &attempt_ids,
-        &attempt_starts,
     )
     .fetch_all(conn)
     .await?;
@@ -395,11 +375,14 @@ async fn wake_next(
 
 /// Expired leases: the worker died or hung. The event becomes due again, or
 /// `dead` once it has used its attempts, so a poison event cannot loop forever.
+/// The attempt's row is written here, `lease_expired` (its outcome never
+/// came). Returns how many attempts that was.
 pub async fn rescue_expired(pool: &PgPool, max_attempts: i32) -> Result<u64, sqlx::Error> {
-    let result = sqlx::query!(
+    let rescued = sqlx::query_scalar!(
         r#"
         WITH expired AS (
-            SELECT id FROM inbox_event_state
+            SELECT id, locked_by, attempt_id, attempt_started_at, attempt_handler
+            FROM inbox_event_state
             WHERE status = 'processing' AND locked_until < now()
             ORDER BY locked_until
             LIMIT 1000
@@ -412,22 +395,34 @@ pub async fn rescue_expired(pool: &PgPool, max_attempts: i32) -> Result<u64, sql
                 -- claimed together again (and do not fail together again).
                 next_attempt_at = now() + random() * interval '1 second',
                 last_error = 'lease expired: worker ' || e.locked_by || ' did not finish attempt ' || e.attempts,
-                locked_by = NULL, locked_until = NULL
+                locked_by = NULL, locked_until = NULL,
+                attempt_id = NULL, attempt_started_at = NULL, attempt_handler = NULL, attempt_limited = false
             FROM expired WHERE e.id = expired.id
-            RETURNING e.id, e.attempts, e.last_error
+            RETURNING e.id, e.attempts, e.last_error, expired.locked_by, expired.attempt_id,
+                      expired.attempt_started_at, expired.attempt_handler
+        ), written AS (
+            INSERT INTO inbox_attempts (id, event_id, attempt, worker_id, handler, started_at, finished_at, outcome, error)
+            SELECT r.attempt_id, r.id, r.attempts, r.locked_by, r.attempt_handler, r.attempt_started_at,
+                   now(), 'lease_expired', r.last_error
+            FROM rescued r WHERE r.attempt_id IS NOT NULL
+            RETURNING 1
+        ), closed AS (
+            -- An attempt claimed before schema version 17, or by hand, has
+            -- an open row instead. CASE keeps the plan on (event_id, attempt).
+            UPDATE inbox_attempts a
+            SET finished_at = now(), outcome = 'lease_expired', error = r.last_error
+            FROM rescued r
+            WHERE r.attempt_id IS NULL AND a.event_id = r.id AND a.attempt = r.attempts
+              AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END
+            RETURNING 1
         )
-        UPDATE inbox_attempts a
-        SET finished_at = now(), outcome = 'lease_expired', error = rescued.last_error
-        FROM rescued
-        -- CASE keeps the plan on (event_id, attempt), not the in-flight index.
-        WHERE a.event_id = rescued.id AND a.attempt = rescued.attempts
-          AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END
+        SELECT (SELECT count(*) FROM written) + (SELECT count(*) FROM closed) AS "n!"
         "#,
         max_attempts,
     )
-    .execute(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(result.rows_affected())
+    Ok(u64::try_from(rescued).unwrap_or(0))
 }
 
 /// At shutdown, hands back what this worker could not finish in its grace
@@ -435,16 +430,17 @@ pub async fn rescue_expired(pool: &PgPool, max_attempts: i32) -> Result<u64, sql
 /// lease expires and rescue takes them.
 ///
 /// The attempt counts (its handler may have acted), so an event released on
-/// its last attempt ends `dead`, as a rescued one does.
+/// its last attempt ends `dead`, as a rescued one does; its attempt's row is
+/// written here. Returns how many attempts that was.
 pub async fn release(
     pool: &PgPool,
     worker_id: &str,
     max_attempts: i32,
 ) -> Result<u64, sqlx::Error> {
-    let result = sqlx::query!(
+    let released = sqlx::query_scalar!(
         r#"
         WITH mine AS (
-            SELECT id FROM inbox_event_state
+            SELECT id, attempt_id, attempt_started_at, attempt_handler FROM inbox_event_state
             WHERE status = 'processing' AND locked_by = $1
             FOR UPDATE SKIP LOCKED
         ), released AS (
@@ -452,24 +448,36 @@ pub async fn release(
             SET status = CASE WHEN e.attempts >= $2 THEN 'dead' ELSE 'retrying' END,
                 processed_at = CASE WHEN e.attempts >= $2 THEN now() END,
                 next_attempt_at = now(), locked_by = NULL, locked_until = NULL,
-                last_error = 'released: the worker stopped before the handler finished'
+                last_error = 'released: the worker stopped before the handler finished',
+                attempt_id = NULL, attempt_started_at = NULL, attempt_handler = NULL, attempt_limited = false
             FROM mine WHERE e.id = mine.id
-            RETURNING e.id, e.attempts, e.status
+            RETURNING e.id, e.attempts, e.status, e.last_error, mine.attempt_id, mine.attempt_started_at,
+                      mine.attempt_handler
+        ), written AS (
+            INSERT INTO inbox_attempts (id, event_id, attempt, worker_id, handler, started_at, finished_at, outcome, error)
+            SELECT r.attempt_id, r.id, r.attempts, $1, r.attempt_handler, r.attempt_started_at, now(),
+                   CASE WHEN r.status = 'dead' THEN 'dead' ELSE 'retry' END, r.last_error
+            FROM released r WHERE r.attempt_id IS NOT NULL
+            RETURNING 1
+        ), closed AS (
+            -- An attempt claimed before schema version 17 has an open row
+            -- instead. CASE keeps the plan on (event_id, attempt).
+            UPDATE inbox_attempts a
+            SET finished_at = now(), outcome = CASE WHEN r.status = 'dead' THEN 'dead' ELSE 'retry' END,
+                error = r.last_error
+            FROM released r
+            WHERE r.attempt_id IS NULL AND a.event_id = r.id AND a.attempt = r.attempts
+              AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END
+            RETURNING 1
         )
-        UPDATE inbox_attempts a
-        SET finished_at = now(), outcome = CASE WHEN released.status = 'dead' THEN 'dead' ELSE 'retry' END,
-            error = 'released: the worker stopped before the handler finished'
-        FROM released
-        -- CASE keeps the plan on (event_id, attempt), not the in-flight index.
-        WHERE a.event_id = released.id AND a.attempt = released.attempts
-          AND CASE WHEN a.finished_at IS NULL THEN true ELSE false END
+        SELECT (SELECT count(*) FROM written) + (SELECT count(*) FROM closed) AS "n!"
         "#,
         worker_id,
         max_attempts,
     )
-    .execute(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(result.rows_affected())
+    Ok(u64::try_from(released).unwrap_or(0))
 }
 
 /// Events not yet finished, by source and status, and how long the oldest due

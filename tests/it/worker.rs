@@ -46,7 +46,11 @@ async fn setup_with_lease(extra: &str, lease: &str) -> Setup {
 }
 
 async fn setup_from(text: &str, library: LibraryHandlers) -> Setup {
-    let db = database().await;
+    setup_on(database().await, text, library).await
+}
+
+/// A worker on a database made beforehand (an older schema, say).
+async fn setup_on(db: TestDb, text: &str, library: LibraryHandlers) -> Setup {
     sqlx::query(SIDE_EFFECTS).execute(&db.pool).await.unwrap();
     let env = [
         ("BEGINI_API_KEY", BEGINI_KEY),
@@ -1498,19 +1502,22 @@ async fn completing_a_batch_while_thousands_of_attempts_are_in_flight_reads_only
         format!(
             "WITH event AS (
                  INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256,
-                                                status, attempts, processed_at, locked_by, locked_until)
+                                                status, attempts, processed_at, locked_by, locked_until,
+                                                attempt_id, attempt_started_at, attempt_handler)
                  SELECT gen_random_uuid(), 'begini', 'sandbox', '{status}-' || g, 't', md5(g::text), '{status}', 1,
                         CASE WHEN '{status}' = 'succeeded' THEN now() END,
                         CASE WHEN '{status}' = 'processing' THEN 'another-worker' END,
-                        CASE WHEN '{status}' = 'processing' THEN now() + interval '1 hour' END
+                        CASE WHEN '{status}' = 'processing' THEN now() + interval '1 hour' END,
+                        CASE WHEN '{status}' = 'processing' THEN nextval('inbox_attempts_id_seq') END,
+                        CASE WHEN '{status}' = 'processing' THEN now() END,
+                        CASE WHEN '{status}' = 'processing' THEN 'h' END
                  FROM generate_series(1, {n}) g
                  RETURNING id
              )
+             -- An attempt in flight has no row yet (schema V17).
              INSERT INTO inbox_attempts (event_id, attempt, worker_id, handler, finished_at, outcome)
-             SELECT id, 1, 'another-worker', 'h',
-                    CASE WHEN '{status}' = 'succeeded' THEN now() END,
-                    CASE WHEN '{status}' = 'succeeded' THEN 'succeeded' END
-             FROM event"
+             SELECT id, 1, 'another-worker', 'h', now(), 'succeeded'
+             FROM event WHERE '{status}' = 'succeeded'"
         )
     };
     // A day's finished attempts as the statistics last saw them (almost none
@@ -1545,31 +1552,32 @@ async fn completing_a_batch_while_thousands_of_attempts_are_in_flight_reads_only
         assert_eq!(status_of(&setup.db, *id).await, "succeeded");
     }
     // The worker's backends report their reads when they go idle; its
-    // updates to the attempt rows arrive in the same report.
-    let reports = "SELECT coalesce(sum(t.n_tup_upd), 0)::int8 FROM pg_stat_user_tables t
+    // attempt rows, written with their outcomes, arrive in the same report.
+    let reports = "SELECT coalesce(sum(t.n_tup_ins), 0)::int8 FROM pg_stat_user_tables t
                    JOIN pg_inherits i ON i.inhrelid = t.relid
                    WHERE i.inhparent = 'inbox_attempts'::regclass";
+    let expected = 20_000 + ids.len() as i64;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut reported = scalar(&setup.db, reports).await;
-    while reported < ids.len() as i64 && Instant::now() < deadline {
+    while reported < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         reported = scalar(&setup.db, reports).await;
     }
     assert!(
-        reported >= ids.len() as i64,
+        reported >= expected,
         "the worker's reads were never reported, so none could be counted"
     );
+    // The events in flight are the lease index's entries: a completion that
+    // walked it for each outcome would read 3,000 entries per event.
     let in_flight_reads = scalar(
         &setup.db,
-        "SELECT coalesce(sum(s.idx_tup_read), 0)::int8 FROM pg_stat_user_indexes s
-         JOIN pg_index x ON x.indexrelid = s.indexrelid
-         JOIN pg_inherits i ON i.inhrelid = s.relid
-         WHERE i.inhparent = 'inbox_attempts'::regclass AND x.indpred IS NOT NULL",
+        "SELECT coalesce(sum(idx_tup_read), 0)::int8 FROM pg_stat_user_indexes
+         WHERE indexrelname = 'inbox_events_lease_idx'",
     )
     .await;
     assert!(
         in_flight_reads < 3_000,
-        "completing 100 events read {in_flight_reads} entries of the in-flight attempt index"
+        "completing 100 events read {in_flight_reads} entries of the lease index"
     );
 }
 
@@ -1756,13 +1764,16 @@ async fn a_completion_that_outlived_a_rescue_replay_and_new_claim_records_nothin
     .fetch_all(pool)
     .await
     .unwrap();
-    assert_eq!(
-        attempts,
-        [
-            (first_attempt, Some("lease_expired".into())),
-            (new_attempt, None)
-        ]
-    );
+    assert_eq!(attempts, [(first_attempt, Some("lease_expired".into()))]);
+    // The new claim's attempt is in flight: on the event row, its own row
+    // written when it ends (schema V17).
+    let in_flight: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT attempt_id FROM inbox_event_state WHERE id = '{rescued}'"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(in_flight, Some(new_attempt));
 }
 
 /// A connection's cached plan for recording outcomes was made while the
@@ -1934,4 +1945,173 @@ fn finish_as_w1(table: &str, order_by: &str) -> String {
         column("NULL::float8"),
         column("false")
     )
+}
+
+/// What an operator sees of an attempt in flight, read while its handler runs.
+struct InFlight {
+    attempt_id: i64,
+    started_at: chrono::DateTime<chrono::Utc>,
+    attempt_rows: i64,
+    timeline: Vec<String>,
+}
+
+async fn watch_in_flight(db: &TestDb, id: Uuid) -> InFlight {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row: Option<(i64, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+            "SELECT attempt_id, attempt_started_at FROM inbox_event_state
+             WHERE id = $1 AND status = 'processing'",
+        )
+        .bind(id)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some((attempt_id, started_at)) = row {
+            let attempt_rows =
+                sqlx::query_scalar("SELECT count(*) FROM inbox_attempts WHERE event_id = $1")
+                    .bind(id)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            let timeline = sqlx::query_scalar(
+                "SELECT outcome FROM inbox_event_timeline WHERE event_id = $1 AND kind = 'attempt'",
+            )
+            .bind(id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+            return InFlight {
+                attempt_id,
+                started_at,
+                attempt_rows,
+                timeline,
+            };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the event was never seen in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The attempt's row as written: id, start, outcome, whether it has an end.
+async fn attempt_rows(
+    db: &TestDb,
+    id: Uuid,
+) -> Vec<(i64, chrono::DateTime<chrono::Utc>, String, bool)> {
+    sqlx::query_as(
+        "SELECT id, started_at, outcome, finished_at IS NOT NULL FROM inbox_attempts
+         WHERE event_id = $1 ORDER BY attempt",
+    )
+    .bind(id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_in_flight_shows_on_its_event_and_its_row_is_written_once_with_its_outcome() {
+    let setup = setup(&format!(
+        "{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"INSERT INTO side_effects (event_id) SELECT $3 FROM pg_sleep(0.5)\"\n"
+    ))
+    .await;
+    let id = store_event(&setup.db, "application.complete").await;
+
+    let (processed, in_flight) =
+        tokio::join!(setup.worker.process_next(), watch_in_flight(&setup.db, id));
+    processed.unwrap();
+
+    assert_eq!(in_flight.attempt_rows, 0, "no attempt row while it runs");
+    assert_eq!(in_flight.timeline, ["running"]);
+    assert_eq!(status_of(&setup.db, id).await, "succeeded");
+    assert_eq!(
+        attempt_rows(&setup.db, id).await,
+        [(
+            in_flight.attempt_id,
+            in_flight.started_at,
+            "succeeded".to_owned(),
+            true
+        )],
+        "one row, with the id and start the event showed while it ran"
+    );
+    assert_eq!(
+        scalar(
+            &setup.db,
+            &format!(
+                "SELECT count(*) FROM inbox_event_state WHERE id = '{id}' AND attempt_id IS NULL"
+            )
+        )
+        .await,
+        1
+    );
+}
+
+/// The schema version that writes an attempt's row once, when it ends
+/// (migrations/V17__attempt_row_written_once.sql).
+const ATTEMPT_ROW_AT_OUTCOME_VERSION: i32 = 17;
+
+#[tokio::test]
+async fn attempts_in_flight_across_the_upgrade_are_recorded_once_with_the_ids_they_started_with() {
+    let db = database_at(ATTEMPT_ROW_AT_OUTCOME_VERSION - 1).await;
+    let finishing = store_event(&db, "application.complete").await;
+    let abandoned = store_event(&db, "application.complete").await;
+    // Claimed by a worker of the previous release, which wrote an open
+    // attempt row; the second worker has died (its lease has run out).
+    let mut started = Vec::new();
+    for (id, lease) in [(finishing, "1 minute"), (abandoned, "-1 second")] {
+        let row: (i64, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+            "WITH claimed AS (
+                 UPDATE inbox_events SET status = 'processing', attempts = 1, locked_by = 'old-worker',
+                                         locked_until = now() + $2::interval
+                 WHERE id = $1 RETURNING id)
+             INSERT INTO inbox_attempts (event_id, attempt, worker_id, handler)
+             SELECT id, 1, 'old-worker', 'h' FROM claimed RETURNING id, started_at",
+        )
+        .bind(id)
+        .bind(lease)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        started.push(row);
+    }
+
+    hookbox::db::migrate(&db.url).await.unwrap();
+    let handler = format!("{ROUTE_ALL_TO}[handler.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n");
+    let setup = setup_on(db, &worker_config(&handler), LibraryHandlers::default()).await;
+
+    assert!(attempt_rows(&setup.db, finishing).await.is_empty());
+    let timeline: Vec<String> = sqlx::query_scalar(
+        "SELECT outcome FROM inbox_event_timeline WHERE event_id = $1 AND kind = 'attempt'",
+    )
+    .bind(finishing)
+    .fetch_all(&setup.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(timeline, ["running"], "still shown as running");
+    // The old worker records its outcome (its release calls inbox_finish).
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM inbox_finish('old-worker', ARRAY[$1::uuid], ARRAY[$2::int8], ARRAY[$3::timestamptz],
+                                           ARRAY[1], ARRAY['succeeded'], ARRAY['succeeded'], ARRAY['h'],
+                                           ARRAY[NULL::text], ARRAY[NULL::float8], ARRAY[false])",
+    )
+    .bind(finishing)
+    .bind(started[0].0)
+    .bind(started[0].1)
+    .fetch_one(&setup.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded, 1);
+    setup.worker.rescue_expired_leases().await.unwrap();
+
+    assert_eq!(
+        attempt_rows(&setup.db, finishing).await,
+        [(started[0].0, started[0].1, "succeeded".to_owned(), true)]
+    );
+    assert_eq!(
+        attempt_rows(&setup.db, abandoned).await,
+        [(started[1].0, started[1].1, "lease_expired".to_owned(), true)]
+    );
+    assert_eq!(status_of(&setup.db, finishing).await, "succeeded");
+    assert_eq!(status_of(&setup.db, abandoned).await, "retrying");
 }
