@@ -266,6 +266,71 @@ async fn a_prune_past_whole_partitions_drops_them_and_late_duplicates_are_still_
     stop.cancel();
 }
 
+#[tokio::test]
+async fn a_prune_keeps_an_attempts_partition_while_an_attempt_started_in_it_is_running() {
+    let db = database().await;
+    let text = config_with("1d", 1);
+    // The first partition holds everything before today (UTC); an attempt
+    // claimed yesterday still runs. Its row is written when it ends (schema
+    // V17): until then it is on its event's row only.
+    let first: String = sqlx::query_scalar(
+        "SELECT partition FROM inbox_partitions WHERE parent = 'inbox_attempts' AND NOT is_default
+         ORDER BY to_time LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let running: Uuid = sqlx::query_scalar(
+        "INSERT INTO inbox_event_state (id, source, environment, event_key, event_type, payload_sha256, status,
+                                        attempts, locked_by, locked_until, attempt_id, attempt_started_at,
+                                        attempt_handler)
+         VALUES (gen_random_uuid(), 'begini', 'sandbox', 'running', 't', md5('running'), 'processing', 1,
+                 'a-worker', now() + interval '1 hour', nextval('inbox_attempts_id_seq'),
+                 date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' - interval '1 hour', 'h')
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let prune = [
+        "prune",
+        "--attempts-older-than",
+        "1s",
+        "--reason",
+        "retention",
+    ];
+
+    let kept = hookbox(&text, &db.url, &prune).await;
+    let exists = format!("SELECT count(*) FROM pg_class WHERE relname = '{first}'");
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>(&exists)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap(),
+        1,
+        "{first} kept while the attempt runs: {kept}"
+    );
+
+    sqlx::query(
+        "UPDATE inbox_event_state SET status = 'succeeded', processed_at = now(), locked_by = NULL,
+                locked_until = NULL, attempt_id = NULL, attempt_started_at = NULL, attempt_handler = NULL
+         WHERE id = $1",
+    )
+    .bind(running)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let dropped = hookbox(&text, &db.url, &prune).await;
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>(&exists)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap(),
+        0,
+        "{first} dropped once nothing in it runs: {dropped}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_elected_worker_makes_the_partitions_ahead_however_many_run() {
     let db = database().await;
