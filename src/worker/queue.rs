@@ -18,16 +18,17 @@ pub const GAUGED_STATUSES: [EventStatus; 4] = [
     EventStatus::Dead,
 ];
 
-/// An attempt's row: its id and when it started. `inbox_attempts` is
-/// partitioned by `started_at`, so a statement that names both reads one
-/// partition, not every one.
+/// An attempt's row as the claim drew it: its id and when it started. The
+/// row itself is written when the attempt ends (schema V17); until then both
+/// are on the event's row. `inbox_attempts` is partitioned by `started_at`,
+/// so the row lands in the partition of the attempt's start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttemptRow {
     pub id: i64,
     pub started_at: DateTime<Utc>,
 }
 
-/// A claimed event and the attempt row written for it.
+/// A claimed event and the attempt it starts.
 pub struct Claimed {
     pub event: Event,
     pub attempt: AttemptRow,
@@ -79,8 +80,9 @@ impl ClaimPlan {
 }
 
 /// Claims up to `limit` due events under a lease, counts the attempt and
-/// writes its row: all committed before any handler runs. One statement; the
-/// database decides what may start (`inbox_claim`, migrations/V4).
+/// notes it on the event's row (its id and start): all committed before any
+/// handler runs. One statement; the database decides what may start
+/// (`inbox_claim`, migrations/V4, V17).
 pub async fn claim(
     pool: &PgPool,
     worker_id: &str,
@@ -162,8 +164,8 @@ impl ClaimKeys {
 }
 
 /// Locks, for their completion transaction, the events whose lease is still
-/// this worker's in the claim given (the event's attempt count and its open
-/// attempt row); the others have been taken over by another worker, a rescue
+/// this worker's in the claim given (the event's attempt count and the id of
+/// its attempt in flight); the others have been taken over by another worker, a rescue
 /// or a newer claim of this worker's, and are neither locked nor waited for
 /// (SKIP LOCKED: a row locked by someone else is one this claim no longer
 /// holds). The claim is checked before the lock is taken, so a stale
@@ -302,8 +304,8 @@ pub struct Finish<'a> {
     pub not_started: bool,
 }
 
-/// Records the outcomes on the events and their attempt rows (one statement),
-/// for the events this worker still holds in this attempt; returns how many
+/// Records the outcomes on the events and writes their attempt rows (one
+/// statement), for the events this worker still holds in this attempt; returns how many
 /// that was. The row locks it takes are held until the transaction ends, so a
 /// count equal to `finishes.len()` means no other worker or rescue can take
 /// any of them before the commit.
