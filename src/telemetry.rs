@@ -107,8 +107,14 @@ pub fn serve_metrics(address: &str) -> anyhow::Result<u16> {
 
 /// Database pool usage, as gauges labelled by process.
 pub fn record_pool(process: &'static str, pool: &sqlx::PgPool) {
-    let size = f64::from(pool.size());
-    let idle = pool.num_idle() as f64;
+    record_pools(process, std::iter::once(pool));
+}
+
+/// [`record_pool`] over several pools of one process, summed.
+pub fn record_pools<'p>(process: &'static str, pools: impl Iterator<Item = &'p sqlx::PgPool>) {
+    let (size, idle) = pools.fold((0.0, 0.0), |(size, idle), pool| {
+        (size + f64::from(pool.size()), idle + pool.num_idle() as f64)
+    });
     metrics::gauge!("hookbox_db_pool_connections", "process" => process, "state" => "idle")
         .set(idle);
     metrics::gauge!("hookbox_db_pool_connections", "process" => process, "state" => "in_use")

@@ -73,8 +73,12 @@ pub struct ReceiverSection {
     pub batch_max_size: usize,
     /// How long a batch waits for more deliveries once it has one.
     pub batch_max_wait: HumanDuration,
-    /// Batches committing at once, each on its own connection.
+    /// Batches committing at once in all, each on its own connection, shared
+    /// out among the HTTP workers (at least one each).
     pub batch_committers: usize,
+    /// Threads serving HTTP, each gathering and committing the batches of the
+    /// requests it serves; `0`: one per core and one more.
+    pub http_workers: usize,
     /// Deliveries waiting for a batch; beyond this, `503`.
     pub queue_capacity: usize,
     /// Per client address: refused requests allowed before the address is
@@ -97,7 +101,8 @@ impl Default for ReceiverSection {
             tls_terminated_by_proxy: false,
             batch_max_size: 256,
             batch_max_wait: HumanDuration::from_millis(0),
-            batch_committers: 4,
+            batch_committers: 2,
+            http_workers: 0,
             queue_capacity: 8192,
             refusal_rate_limit: RateLimitSection {
                 per_second: 10,

@@ -7,7 +7,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 
 use super::{
-    error::DeliveryError, headers, network, refusals::Refused, ReceiverState, SourceRuntime,
+    error::DeliveryError, group_commit::GroupCommit, headers, network, refusals::Refused,
+    ReceiverState, SourceRuntime,
 };
 use crate::{
     event_key::{sha256_hex, EventFields},
@@ -35,6 +36,7 @@ pub async fn receive(
     source_name: web::Path<String>,
     body: web::Payload,
     state: web::Data<ReceiverState>,
+    group_commit: web::Data<GroupCommit>,
 ) -> Result<HttpResponse, DeliveryError> {
     let source = state
         .sources
@@ -52,7 +54,7 @@ pub async fn receive(
         &state.trusted_proxies,
     );
 
-    match accept(&request, body, &state, &source, client).await {
+    match accept(&request, body, &state, &group_commit, &source, client).await {
         Ok(response) => Ok(response),
         Err(refusal) => {
             let (outcome, reason) = refusal.error.outcome_and_reason();
@@ -90,6 +92,7 @@ async fn accept(
     request: &HttpRequest,
     body: web::Payload,
     state: &ReceiverState,
+    group_commit: &GroupCommit,
     runtime: &SourceRuntime,
     client: Option<IpAddr>,
 ) -> Result<HttpResponse, Refusal> {
@@ -172,15 +175,13 @@ async fn accept(
         remote_addr: client,
     };
     let started = std::time::Instant::now();
-    let (outcome, event_id) = state
-        .group_commit
+    let (outcome, event_id) = group_commit
         .store(delivery, deadline)
         .await
         .map_err(|e| refuse(DeliveryError::Unavailable(e.into())))?;
     metrics::histogram!("hookbox_ingest_seconds", "source" => source.name.clone())
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("hookbox_deliveries_total", "source" => source.name.clone(), "outcome" => outcome.as_str()).increment(1);
-    crate::telemetry::record_pool("receiver", &state.pool);
     match outcome {
         store::IngestOutcome::Conflict => tracing::warn!(
             source = %source.name, %event_id,

@@ -10,6 +10,11 @@
 //! committer keeps its connection from one batch to the next while deliveries
 //! keep coming; after a second without any, it hands it back to the pool.
 //!
+//! The receiver runs one group commit per HTTP worker, on that worker's thread
+//! and with connections of its own (see [`GroupCommitSettings::share`]): a
+//! request, its batch and its answer stay on one thread, where handing them
+//! between threads cost a fifth of the receiver's CPU and a wake-up each way.
+//!
 //! A 503 means "nothing stored", so a request gives up at its deadline only
 //! while it is still queued. Once taken into a batch it waits for the batch's
 //! outcome, and the batch's statements are limited to the earliest deadline
@@ -44,6 +49,39 @@ pub struct GroupCommitSettings {
     /// The limit every statement of the pool already has; a batch whose
     /// earliest deadline is nearer sets a tighter one for itself.
     pub statement_timeout: Duration,
+}
+
+impl GroupCommitSettings {
+    /// What HTTP worker `index` of `workers` gets: its share of the
+    /// committers and of the queue, at least one of each. Each worker commits
+    /// the deliveries it serves, so a request and its batch never change
+    /// threads.
+    ///
+    /// ```
+    /// # use hookbox::receiver::group_commit::GroupCommitSettings;
+    /// # use std::time::Duration;
+    /// let receiver = GroupCommitSettings {
+    ///     max_batch: 256,
+    ///     max_wait: Duration::ZERO,
+    ///     committers: 3,
+    ///     queue_capacity: 8192,
+    ///     statement_timeout: Duration::from_secs(8),
+    /// };
+    /// let shares: Vec<usize> = (0..2).map(|w| receiver.share(2, w).committers).collect();
+    /// assert_eq!(shares, [2, 1]);
+    /// assert_eq!(receiver.share(4, 3).committers, 1, "at least one each");
+    /// assert_eq!(receiver.share(2, 0).queue_capacity, 4096);
+    /// ```
+    pub fn share(&self, workers: usize, index: usize) -> Self {
+        let workers = workers.max(1);
+        let index = index % workers;
+        let part = |total: usize| (total / workers + usize::from(index < total % workers)).max(1);
+        Self {
+            committers: part(self.committers),
+            queue_capacity: part(self.queue_capacity),
+            ..*self
+        }
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -87,8 +125,10 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the collector on the current runtime; it ends once every handle
-    /// is dropped and what was queued is committed.
+    /// Starts the collector on the current runtime (an HTTP worker's own, in
+    /// the receiver); it ends once every handle is dropped and what was queued
+    /// is committed. `pool` is the collector's own: its connections belong to
+    /// this runtime, so a batch's round trips wake no other thread.
     pub fn start(pool: PgPool, settings: GroupCommitSettings) -> Self {
         let capacity = settings.queue_capacity.max(1);
         let (queue, receiver) = mpsc::channel(capacity);

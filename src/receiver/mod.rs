@@ -28,7 +28,10 @@ use error::detail_response;
 /// What every request handler shares.
 pub struct ReceiverState {
     pool: PgPool,
-    group_commit: group_commit::GroupCommit,
+    /// The group commit of the whole receiver; each HTTP worker runs its share.
+    group_commit: group_commit::GroupCommitSettings,
+    /// Each HTTP worker's own connections, by worker, for the pool gauges.
+    worker_pools: Arc<std::sync::Mutex<Vec<Option<PgPool>>>>,
     sources: HashMap<String, Arc<SourceRuntime>>,
     trusted_proxies: Vec<IpNet>,
     max_body_bytes: usize,
@@ -90,22 +93,20 @@ impl ReceiverState {
             .max_connections(1)
             .acquire_timeout(config.receiver.request_timeout.0)
             .connect_lazy_with((*pool.connect_options()).clone());
-        // /readyz needs a connection besides the committers.
-        let committers = config
-            .receiver
-            .batch_committers
-            .min(config.database.max_connections.saturating_sub(1).max(1) as usize);
         let settings = group_commit::GroupCommitSettings {
             max_batch: config.receiver.batch_max_size,
             max_wait: config.receiver.batch_max_wait.0,
-            committers,
+            committers: committers(config),
             queue_capacity: config.receiver.queue_capacity,
             statement_timeout: crate::db::PoolSettings::receiver(config)
                 .statement_timeout
                 .unwrap_or(config.receiver.request_timeout.0),
         };
+        let worker_pools = Arc::new(std::sync::Mutex::new(Vec::new()));
+        tokio::spawn(record_pools(pool.clone(), worker_pools.clone()));
         Self {
-            group_commit: group_commit::GroupCommit::start(pool.clone(), settings),
+            group_commit: settings,
+            worker_pools,
             refusals: refusals::RefusalLog::start(
                 refusal_pool,
                 config.receiver.refusals_detailed_per_minute,
@@ -117,6 +118,71 @@ impl ReceiverState {
             max_body_bytes: config.receiver.max_body_bytes,
             request_timeout: config.receiver.request_timeout.0,
         }
+    }
+
+    /// Starts HTTP worker `index`'s group commit on the calling thread (the
+    /// worker's), with a pool of its own: a connection belongs to the runtime
+    /// it was opened on, and one opened elsewhere would wake that runtime's
+    /// thread on every answer.
+    fn start_group_commit(&self, workers: usize, index: usize) -> group_commit::GroupCommit {
+        let settings = self.group_commit.share(workers, index);
+        let pool = self
+            .pool
+            .options()
+            .clone()
+            .max_connections(settings.committers as u32)
+            .min_connections(0)
+            .connect_lazy_with((*self.pool.connect_options()).clone());
+        if let Ok(mut pools) = self.worker_pools.lock() {
+            if pools.len() < workers {
+                pools.resize(workers, None);
+            }
+            pools[index % workers] = Some(pool.clone());
+        }
+        group_commit::GroupCommit::start(pool, settings)
+    }
+}
+
+/// HTTP workers: `receiver.http_workers`, or one per core and one more; at
+/// most one per connection the committers may hold, since each needs one.
+///
+/// One more than the cores because each worker is a pipeline of batches that
+/// waits for its commits: with one per core, the cores sat idle a third of the
+/// time while every worker waited for its commit (BENCHMARKS.md).
+pub fn http_workers(config: &Config) -> usize {
+    let wanted = match config.receiver.http_workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from) + 1,
+        n => n,
+    };
+    wanted.min(most_committers(config))
+}
+
+/// Batches committing at once in all: `receiver.batch_committers`, at least
+/// one per HTTP worker, and at most `database.max_connections - 1` (`/readyz`
+/// needs a connection besides them).
+fn committers(config: &Config) -> usize {
+    config
+        .receiver
+        .batch_committers
+        .max(http_workers(config))
+        .min(most_committers(config))
+}
+
+fn most_committers(config: &Config) -> usize {
+    config.database.max_connections.saturating_sub(1).max(1) as usize
+}
+
+/// The pool gauges, every second, over the receiver's pool and every HTTP
+/// worker's: recording them per request cost more than the gauges are worth.
+async fn record_pools(pool: PgPool, worker_pools: Arc<std::sync::Mutex<Vec<Option<PgPool>>>>) {
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every_second.tick().await;
+        let pools: Vec<PgPool> = match worker_pools.lock() {
+            Ok(pools) => pools.iter().flatten().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        telemetry::record_pools("receiver", std::iter::once(&pool).chain(pools.iter()));
     }
 }
 
@@ -138,10 +204,16 @@ impl Application {
         let port = listener.local_addr()?.port();
         let state = web::Data::new(ReceiverState::new(config, pool));
         let request_timeout = config.receiver.request_timeout.0;
+        let workers = http_workers(config);
+        // Called once on each worker's thread (again if actix restarts one).
+        let next_worker = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
         let server = HttpServer::new(move || {
+            let index = next_worker.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let group_commit = web::Data::new(state.start_group_commit(workers, index));
             App::new()
                 .app_data(state.clone())
+                .app_data(group_commit)
                 .wrap(request_span::RequestSpan)
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
@@ -160,6 +232,7 @@ impl Application {
         .client_disconnect_timeout(Duration::from_secs(1))
         .keep_alive(Duration::from_secs(30))
         .shutdown_timeout(request_timeout.as_secs().max(1))
+        .workers(workers)
         .disable_signals();
 
         let server = match &config.receiver.tls {

@@ -41,7 +41,7 @@ fn fresh_bodies(n: usize) -> Vec<Vec<u8>> {
 }
 
 /// One gathering window long enough for every concurrent request to join.
-const ONE_BATCH: &str = "batch_committers = 1\nbatch_max_wait = \"300ms\"";
+const ONE_BATCH: &str = "http_workers = 1\nbatch_committers = 1\nbatch_max_wait = \"300ms\"";
 
 #[tokio::test]
 async fn concurrent_deliveries_of_one_event_share_a_batch_and_store_it_once() {
@@ -184,7 +184,7 @@ async fn a_row_the_database_refuses_fails_only_its_own_request() {
 /// or on another, are stored as usual.
 #[tokio::test]
 async fn a_batch_refused_at_its_commit_leaves_the_committers_next_batches_stored() {
-    let app = spawn_begini_with("batch_committers = 1").await;
+    let app = spawn_begini_with("http_workers = 1\nbatch_committers = 1").await;
     let bodies = fresh_bodies(3);
     let refused = sha256_hex(&bodies[0]);
     sqlx::raw_sql(&format!(
@@ -243,8 +243,10 @@ async fn a_receiver_with_one_database_connection_is_ready_again_once_deliveries_
 
 #[tokio::test]
 async fn a_full_queue_answers_503_at_once_instead_of_growing() {
-    let app =
-        spawn_begini_with("batch_committers = 1\nbatch_max_size = 1\nqueue_capacity = 2").await;
+    let app = spawn_begini_with(
+        "http_workers = 1\nbatch_committers = 1\nbatch_max_size = 1\nqueue_capacity = 2",
+    )
+    .await;
     // The one committer blocks on this lock, so the queue fills.
     let blocker = block_writes_to(&app, "inbox_deliveries").await;
 
@@ -276,9 +278,10 @@ async fn a_503_means_nothing_was_stored_even_when_the_database_recovers_mid_batc
     // request_timeout is 2s (statements 1.6s): the first batch times out on the
     // lock, the next starts close to its requests' deadlines, and the lock goes
     // away after those deadlines but before 1.6s more have passed.
-    let app =
-        spawn_begini_with("batch_committers = 1\nbatch_max_size = 8\nbatch_max_wait = \"0ms\"")
-            .await;
+    let app = spawn_begini_with(
+        "http_workers = 1\nbatch_committers = 1\nbatch_max_size = 8\nbatch_max_wait = \"0ms\"",
+    )
+    .await;
     let blocker = block_writes_to(&app, "inbox_events").await;
 
     let bodies = fresh_bodies(70);

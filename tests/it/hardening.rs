@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::support::*;
 
 /// Concurrent requests within 300 ms share one batch.
-const ONE_BATCH: &str = "batch_committers = 1\nbatch_max_wait = \"300ms\"";
+const ONE_BATCH: &str = "http_workers = 1\nbatch_committers = 1\nbatch_max_wait = \"300ms\"";
 
 fn begini_with(receiver: &str) -> String {
     BEGINI_CONFIG.replace("[receiver]\n", &format!("[receiver]\n{receiver}\n"))
