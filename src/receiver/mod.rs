@@ -132,7 +132,16 @@ impl ReceiverState {
             .clone()
             .max_connections(settings.committers as u32)
             .min_connections(0)
-            .connect_lazy_with((*self.pool.connect_options()).clone());
+            .connect_lazy_with(
+                // The batch statement and the key checks it causes read rows
+                // by key only. Planned while the inbox held a page or two (a
+                // fresh install, or one emptied by retention, once analyzed),
+                // they would read the whole table for every key instead, and
+                // go on doing so as it grows, until the next ANALYZE.
+                (*self.pool.connect_options())
+                    .clone()
+                    .options([("enable_seqscan", "off")]),
+            );
         if let Ok(mut pools) = self.worker_pools.lock() {
             if pools.len() < workers {
                 pools.resize(workers, None);

@@ -319,3 +319,62 @@ async fn a_503_means_nothing_was_stored_even_when_the_database_recovers_mid_batc
         "a 503 leaves no delivery row"
     );
 }
+
+/// `pg_stat_user_tables` for the event rows, once the receiver's sessions have
+/// reported at least `inserted` new rows (they report a moment after going idle).
+async fn event_table_scans_once_reported(app: &TestApp, inserted: i64) -> (i64, i64) {
+    let read = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT seq_scan, n_tup_ins FROM pg_stat_user_tables WHERE relname = 'inbox_event_state'",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+    };
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (seq_scans, rows_inserted) = read().await;
+        if rows_inserted >= inserted || tokio::time::Instant::now() > give_up {
+            return (seq_scans, rows_inserted);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn deliveries_to_an_inbox_analyzed_while_nearly_empty_look_their_events_up_by_key() {
+    // An inbox whose statistics were taken when it held one row: a fresh
+    // install, or one emptied by retention. A plan made now would read the
+    // whole table for every key it checks, and keep doing so as it grows.
+    let db = database().await;
+    sqlx::query(
+        "INSERT INTO inbox_event_state (id, source, environment, event_key, payload_sha256)
+         VALUES (gen_random_uuid(), 'begini', 'sandbox', 'seed', 'seed')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE inbox_event_state")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let app = TestApp::spawn_on(db, &begini_with(""), &[("BEGINI_API_KEY", BEGINI_KEY)]).await;
+    let (scans_before, inserted_before) = event_table_scans_once_reported(&app, 1).await;
+
+    for body in fresh_bodies(20) {
+        assert_eq!(app.post_signed("begini", &body).await.status, 200);
+    }
+
+    let (scans_after, inserted_after) =
+        event_table_scans_once_reported(&app, inserted_before + 20).await;
+    assert_eq!(
+        inserted_after,
+        inserted_before + 20,
+        "the sessions reported their rows"
+    );
+    assert_eq!(
+        scans_after - scans_before,
+        0,
+        "no delivery read the event table whole"
+    );
+}
