@@ -8,7 +8,8 @@
 #     60 and hookbox loadtest probing latency on 4, in open loop at PROBE_RATE (200/s);
 #     INGEST_CLIENT=loadtest (or no wrk installed): hookbox loadtest on all 64.
 #     With (a), the batched limit is measured again after ingest, and the ratio is
-#     printed against the run before and against the mean of both.
+#     printed against the run before and against the mean of both. With wrk, also
+#     the machine's time per accepted event: PostgreSQL, the receiver, the rest, idle.
 # (c) worker drain of 200,000 stored events through a sql handler inserting a row each
 # (w) the same drain by graphile-worker 0.17.3 in its batched mode (bench/graphile,
 #     needs node and npm; not in the default phases); with (c), the ratio
@@ -25,7 +26,7 @@
 #     finished events stored, in one run (not in the default phases: ~20 min)
 # PHASES=d (any of a, b, c, w, d, o, k, s, m, g; default abdcoks) runs only those phases.
 # SETUP_SQL runs after the migrations (an A/B of a schema change);
-# RECEIVER_TOML adds lines to the receiver's section (batch_committers = 8).
+# RECEIVER_TOML adds lines to the receiver's section (http_workers = 2).
 # WORKER_CONCURRENCY (16) and WORKER_TOML (batch_size = 1000) do the same for the worker.
 # PG_SERVER_OPTIONS adds server settings ("-c auto_explain..."); KEEP_PG_LOG=file
 # keeps the server's log.
@@ -150,6 +151,13 @@ statement_costs() {
 phase() { [[ $phases == *$1* ]]; }
 start_receiver() { [ -n "${receiver:-}" ] || { "$bin/hookbox-receiver" 2>/dev/null & receiver=$!; sleep 1; }; }
 peak_rss() { awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' "/proc/$1/status"; }
+# cpu_ticks PID...: CPU time the processes have used (user + system, in
+# clock ticks); machine_ticks: the machine's busy and idle ticks (idle with
+# I/O wait). Read before and after phase (b), for its CPU per event.
+cpu_ticks() { for p in "$@"; do awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null; done | awk '{s += $1} END {print s + 0}'; }
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6}' /proc/stat; }
+# The bench cluster's processes: its postmaster and every child.
+pg_pids() { local main; main=$(head -1 "$pgdata/postmaster.pid"); echo "$main" $(pgrep -P "$main"); }
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $("$pg_bin/postgres" --version)"
 
@@ -220,6 +228,7 @@ if [ "$ingest_client" = wrk ]; then
     echo "== (b) receiver ingest: wrk, prepared signed events, 60 connections, and a latency probe on 4 more, ${seconds}s"
     python3 bench/signed_events.py "$((seconds * 16000))" "$BEGINI_API_KEY" > "$work/events.tsv"
     profile ingest 10
+    pg_before=$(cpu_ticks $(pg_pids)); receiver_before=$(cpu_ticks "$receiver"); read -r busy_before idle_before < <(machine_ticks)
     # The probe: hookbox loadtest in open loop at PROBE_RATE (200/s), its
     # requests sent on a clock of their own, so that each samples what a
     # request meets at a moment the load does not choose (no coordinated
@@ -232,6 +241,7 @@ if [ "$ingest_client" = wrk ]; then
     WRK_CONNECTIONS=60 wrk -t2 -c60 -d"${seconds}s" -s bench/ingest.lua "http://127.0.0.1:$rport/webhooks/begini" -- "$work/events.tsv" 2 \
         | grep -E 'requests in|errors|latency|WARNING' | tee "$work/wrk.txt" | sed 's/^/  wrk: /'
     wait "$probe"
+    pg_after=$(cpu_ticks $(pg_pids)); receiver_after=$(cpu_ticks "$receiver"); read -r busy_after idle_after < <(machine_ticks)
     sed 's/^/  probe: /' "$work/probe.txt"
     # Both clients' requests, in hookbox loadtest's format, for the ratio below.
     python3 - "$work/wrk.txt" "$work/probe.txt" > "$work/ingest.txt" <<'PY'
@@ -243,6 +253,16 @@ print(f"{requests} requests in {seconds:.1f}s: {requests / seconds:.0f}/s")
 PY
     sed 's/^/  both: /' "$work/ingest.txt"
     echo "  stored: $(psql -At -c "SELECT count(*) FILTER (WHERE outcome = 'accepted') || ' accepted, ' || count(*) FILTER (WHERE outcome <> 'accepted') || ' other deliveries' FROM inbox_deliveries")"
+    # Where the machine's time went, per accepted event (a server process
+    # that ended during the run is not counted; none does).
+    python3 - "$(psql -At -c "SELECT count(*) FROM inbox_deliveries WHERE outcome = 'accepted'")" "$(getconf CLK_TCK)" \
+        "$((pg_after - pg_before))" "$((receiver_after - receiver_before))" "$((busy_after - busy_before))" "$((idle_after - idle_before))" <<'PY'
+import sys
+events, hz, pg, receiver, busy, idle = (int(v) for v in sys.argv[1:])
+us = lambda ticks: f"{ticks * 1e6 / hz / max(events, 1):.0f} us"
+print(f"  machine time per accepted event: PostgreSQL {us(pg)}, receiver {us(receiver)}, "
+      f"the rest (wrk, the probe, the kernel's own) {us(busy - pg - receiver)}, idle {us(idle)}")
+PY
     # The receiver's own clock: from the delivery handed to the batch to its
     # commit (hookbox_ingest_seconds), the part of a request that waits.
     curl -s "http://127.0.0.1:$aport/metrics" | python3 -c '
