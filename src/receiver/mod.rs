@@ -30,6 +30,8 @@ pub struct ReceiverState {
     pool: PgPool,
     /// The group commit of the whole receiver; each HTTP worker runs its share.
     group_commit: group_commit::GroupCommitSettings,
+    /// HTTP workers, each running its share of `group_commit`.
+    workers: usize,
     /// Each HTTP worker's own connections, by worker, for the pool gauges.
     worker_pools: Arc<std::sync::Mutex<Vec<Option<PgPool>>>>,
     sources: HashMap<String, Arc<SourceRuntime>>,
@@ -93,19 +95,21 @@ impl ReceiverState {
             .max_connections(1)
             .acquire_timeout(config.receiver.request_timeout.0)
             .connect_lazy_with((*pool.connect_options()).clone());
+        let workers = http_workers(config);
         let settings = group_commit::GroupCommitSettings {
             max_batch: config.receiver.batch_max_size,
             max_wait: config.receiver.batch_max_wait.0,
-            committers: committers(config),
+            committers: committers(config, workers),
             queue_capacity: config.receiver.queue_capacity,
             statement_timeout: crate::db::PoolSettings::receiver(config)
                 .statement_timeout
                 .unwrap_or(config.receiver.request_timeout.0),
         };
-        let worker_pools = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let worker_pools = Arc::new(std::sync::Mutex::new(vec![None; workers]));
         tokio::spawn(record_pools(pool.clone(), worker_pools.clone()));
         Self {
             group_commit: settings,
+            workers,
             worker_pools,
             refusals: refusals::RefusalLog::start(
                 refusal_pool,
@@ -124,8 +128,9 @@ impl ReceiverState {
     /// worker's), with a pool of its own: a connection belongs to the runtime
     /// it was opened on, and one opened elsewhere would wake that runtime's
     /// thread on every answer.
-    fn start_group_commit(&self, workers: usize, index: usize) -> group_commit::GroupCommit {
-        let settings = self.group_commit.share(workers, index);
+    fn start_group_commit(&self, index: usize) -> group_commit::GroupCommit {
+        let index = index % self.workers;
+        let settings = self.group_commit.share(self.workers, index);
         let pool = self
             .pool
             .options()
@@ -143,10 +148,7 @@ impl ReceiverState {
                     .options([("enable_seqscan", "off")]),
             );
         if let Ok(mut pools) = self.worker_pools.lock() {
-            if pools.len() < workers {
-                pools.resize(workers, None);
-            }
-            pools[index % workers] = Some(pool.clone());
+            pools[index] = Some(pool.clone());
         }
         group_commit::GroupCommit::start(pool, settings)
     }
@@ -158,7 +160,7 @@ impl ReceiverState {
 /// One more than the cores because each worker is a pipeline of batches that
 /// waits for its commits: with one per core, the cores sat idle a third of the
 /// time while every worker waited for its commit (BENCHMARKS.md).
-pub fn http_workers(config: &Config) -> usize {
+fn http_workers(config: &Config) -> usize {
     let wanted = match config.receiver.http_workers {
         0 => std::thread::available_parallelism().map_or(1, usize::from) + 1,
         n => n,
@@ -169,11 +171,11 @@ pub fn http_workers(config: &Config) -> usize {
 /// Batches committing at once in all: `receiver.batch_committers`, at least
 /// one per HTTP worker, and at most `database.max_connections - 1` (`/readyz`
 /// needs a connection besides them).
-fn committers(config: &Config) -> usize {
+fn committers(config: &Config, workers: usize) -> usize {
     config
         .receiver
         .batch_committers
-        .max(http_workers(config))
+        .max(workers)
         .min(most_committers(config))
 }
 
@@ -213,13 +215,13 @@ impl Application {
         let port = listener.local_addr()?.port();
         let state = web::Data::new(ReceiverState::new(config, pool));
         let request_timeout = config.receiver.request_timeout.0;
-        let workers = http_workers(config);
+        let workers = state.workers;
         // Called once on each worker's thread (again if actix restarts one).
         let next_worker = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
         let server = HttpServer::new(move || {
             let index = next_worker.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let group_commit = web::Data::new(state.start_group_commit(workers, index));
+            let group_commit = web::Data::new(state.start_group_commit(index));
             App::new()
                 .app_data(state.clone())
                 .app_data(group_commit)
